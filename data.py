@@ -1,0 +1,292 @@
+"""
+data.py -- datasets and transforms, written with pillow only.
+
+* `ImageFolder`: the ImageNet / ImageNette layout `ROOT/train/<class>/*.JPEG` (and `ROOT/val/...`).
+  Unreadable files (corrupt, truncated, not an image, decompression bombs) are skipped and counted:
+  the sample is replaced by the next readable one and train.py prints one summary per epoch.
+* `Shapes`: the built-in dataset (`--data shapes`), made locally and deterministically, no download:
+  10 classes of procedurally drawn shapes and textures, 64x64 px, random colours, sizes, positions
+  and pixel noise. It is SYNTHETIC: good for checking that the code learns, not a benchmark.
+* Transforms as I-JEPA pretraining: RandomResizedCrop(scale=(0.3, 1.0)), no flip, ImageNet
+  normalisation (applied on the device, so batches travel as uint8). Evaluation: resize the short
+  side to img*256/224 and center-crop (the usual linear-probe protocol).
+
+Randomness: every sample gets its own augmentation seed from the sampler (train.py derives it from
+(seed, epoch, position)), so a batch is the same whatever the number of workers and after a resume.
+"""
+import math
+import os
+import random
+import warnings
+
+import numpy as np
+import torch
+from PIL import Image, ImageDraw, ImageOps
+
+IMAGENET_MEAN = (0.485, 0.456, 0.406)
+IMAGENET_STD = (0.229, 0.224, 0.225)
+IMAGE_EXTENSIONS = {".jpg", ".jpeg", ".png", ".bmp", ".gif", ".webp", ".tif", ".tiff", ".ppm", ".pgm"}
+BUILTIN = ("shapes",)
+
+
+class DataError(ValueError):
+    """A problem with the dataset the user pointed at; train.py prints it as one line."""
+
+
+class BadImage(Exception):
+    pass
+
+
+def to_rgb(img):
+    """Any pillow mode -> 8-bit RGB: EXIF orientation applied, 16-bit and float images rescaled
+    (pillow's own convert would clip them to white), alpha dropped as torchvision's loader does."""
+    img = ImageOps.exif_transpose(img)
+    if img.mode in ("I;16", "I;16B", "I;16L", "I;16N", "I", "F"):
+        arr = np.asarray(img, dtype=np.float64)
+        hi = 65535.0 if img.mode.startswith("I;16") or arr.max() > 255 else 255.0
+        if img.mode == "F":
+            lo, hi2 = float(arr.min()), float(arr.max())
+            arr, hi = arr - lo, max(hi2 - lo, 1e-12)
+        img = Image.fromarray(np.clip(arr / hi * 255.0 + 0.5, 0, 255).astype(np.uint8))
+    if img.mode == "P" and "transparency" in img.info:
+        img = img.convert("RGBA")
+    return img.convert("RGB")
+
+
+def load_image(path):
+    """Open, fully decode and convert one image; raise BadImage with the reason on any failure.
+    Pillow's decompression-bomb warning (> Image.MAX_IMAGE_PIXELS, 89 Mpx) is an error here."""
+    try:
+        with warnings.catch_warnings():
+            warnings.simplefilter("error", Image.DecompressionBombWarning)
+            with Image.open(path) as img:
+                img.load()  # decode now: truncated files fail here, not later in a worker
+                return to_rgb(img)
+    except (OSError, ValueError, SyntaxError, Image.DecompressionBombError, Image.DecompressionBombWarning,
+            EOFError, MemoryError) as e:
+        raise BadImage(f"{path}: {type(e).__name__}: {e}") from None
+
+
+class ImageFolder:
+    """`root/<class>/**/<image>`; classes are the sorted sub-folder names, labels their indices."""
+
+    def __init__(self, root, subset_per_class=None):
+        if not os.path.isdir(root):
+            raise DataError(f"dataset folder {root!r} does not exist")
+        self.root = root
+        self.classes = sorted(e.name for e in os.scandir(root) if e.is_dir() and not e.name.startswith("."))
+        if not self.classes:
+            raise DataError(f"dataset folder {root!r} has no class sub-folders (expected {root}/<class>/<image>)")
+        self.paths, self.labels, self.ignored, self.empty_classes = [], [], 0, []
+        for label, name in enumerate(self.classes):
+            files = []
+            for dirpath, _, filenames in os.walk(os.path.join(root, name), followlinks=True):
+                for f in filenames:
+                    if os.path.splitext(f)[1].lower() in IMAGE_EXTENSIONS:
+                        files.append(os.path.join(dirpath, f))
+                    elif not f.startswith("."):
+                        self.ignored += 1
+            files.sort()
+            if subset_per_class is not None:
+                files = files[:subset_per_class]
+            if not files:
+                self.empty_classes.append(name)
+            self.paths += files
+            self.labels += [label] * len(files)
+        if not self.paths:
+            raise DataError(f"dataset folder {root!r} has no images (extensions: {', '.join(sorted(IMAGE_EXTENSIONS))})")
+        if self.empty_classes:
+            warnings.warn(f"{len(self.empty_classes)} class folder(s) in {root} hold no images: "
+                          f"{', '.join(self.empty_classes[:5])}")
+
+    def __len__(self):
+        return len(self.paths)
+
+    def load(self, i):
+        return load_image(self.paths[i])
+
+    def name(self, i):
+        return self.paths[i]
+
+
+# ---------------------------------------------------------------------------------------------
+# Built-in synthetic dataset
+# ---------------------------------------------------------------------------------------------
+SHAPE_CLASSES = ["disc", "square", "triangle", "cross", "ring", "h_stripes", "v_stripes", "checker",
+                 "diag_stripes", "dots"]
+
+
+def _colours(rng):
+    """Two random colours that differ enough to be told apart."""
+    while True:
+        a, b = rng.integers(0, 256, 3), rng.integers(0, 256, 3)
+        if np.abs(a.astype(int) - b.astype(int)).sum() > 200:
+            return tuple(int(v) for v in a), tuple(int(v) for v in b)
+
+
+def draw_shape(label, rng, size=64):
+    """One image of class `label` as a PIL RGB image, drawn at 2x and downsampled (anti-aliased)."""
+    S = 2 * size
+    bg, fg = _colours(rng)
+    img = Image.new("RGB", (S, S), bg)
+    d = ImageDraw.Draw(img)
+    r = rng.uniform(0.18, 0.38) * S  # half-size of a shape
+    cx, cy = rng.uniform(r, S - r, 2)
+    period = rng.uniform(0.08, 0.22) * S  # texture period
+    phase = rng.uniform(0, period)
+    name = SHAPE_CLASSES[label]
+    if name == "disc":
+        d.ellipse([cx - r, cy - r, cx + r, cy + r], fill=fg)
+    elif name == "square":
+        d.regular_polygon((cx, cy, r), 4, rotation=rng.uniform(0, 90), fill=fg)
+    elif name == "triangle":
+        d.regular_polygon((cx, cy, r), 3, rotation=rng.uniform(0, 120), fill=fg)
+    elif name == "cross":
+        t = r * 0.35
+        d.rectangle([cx - r, cy - t, cx + r, cy + t], fill=fg)
+        d.rectangle([cx - t, cy - r, cx + t, cy + r], fill=fg)
+    elif name == "ring":
+        d.ellipse([cx - r, cy - r, cx + r, cy + r], outline=fg, width=max(2, int(r * 0.3)))
+    elif name == "h_stripes":
+        for y in np.arange(-phase, S, period):
+            d.rectangle([0, y, S, y + period / 2], fill=fg)
+    elif name == "v_stripes":
+        for x in np.arange(-phase, S, period):
+            d.rectangle([x, 0, x + period / 2, S], fill=fg)
+    elif name == "checker":
+        for i, y in enumerate(np.arange(-phase, S, period)):
+            for j, x in enumerate(np.arange(-phase, S, period)):
+                if (i + j) % 2 == 0:
+                    d.rectangle([x, y, x + period, y + period], fill=fg)
+    elif name == "diag_stripes":
+        for k in np.arange(-S - phase, S, period):
+            d.polygon([(k, 0), (k + period / 2, 0), (k + period / 2 + S, S), (k + S, S)], fill=fg)
+    elif name == "dots":
+        rad = period * 0.25
+        for y in np.arange(period / 2 - phase, S, period):
+            for x in np.arange(period / 2 - phase, S, period):
+                d.ellipse([x - rad, y - rad, x + rad, y + rad], fill=fg)
+    img = img.resize((size, size), Image.BILINEAR)
+    arr = np.asarray(img, dtype=np.int16) + rng.normal(0, 12, (size, size, 3)).astype(np.int16)
+    return Image.fromarray(np.clip(arr, 0, 255).astype(np.uint8))
+
+
+class Shapes:
+    """The built-in synthetic dataset: `per_class` images of each of 10 classes, fixed by `seed`.
+    train: seed 0, 500 per class (5,000 images); test: seed 1, 100 per class (1,000 images)."""
+
+    def __init__(self, split="train", per_class=None, size=64):
+        seed = {"train": 0, "test": 1, "val": 1}[split]
+        per_class = per_class or (500 if split == "train" else 100)
+        rng = np.random.default_rng(seed)
+        self.root = f"builtin:shapes/{split}"
+        self.classes = list(SHAPE_CLASSES)
+        self.labels = [c for c in range(len(self.classes)) for _ in range(per_class)]
+        self.images = [draw_shape(c, rng, size) for c in self.labels]
+
+    def __len__(self):
+        return len(self.images)
+
+    def load(self, i):
+        return self.images[i]
+
+    def name(self, i):
+        return f"{self.root}#{i}"
+
+
+def build_dataset(data, split, img_size=None, subset_per_class=None):
+    """`data` is a built-in name ("shapes") or a folder. For a folder, split "train" uses ROOT/train
+    when it exists (else ROOT itself); "test"/"val" use ROOT/val or ROOT/test."""
+    if data in BUILTIN:
+        return Shapes(split, per_class=subset_per_class)
+    if not os.path.isdir(data):
+        raise DataError(f"dataset folder {data!r} does not exist (or use the built-in dataset: --data shapes)")
+    if split == "train":
+        root = os.path.join(data, "train")
+        root = root if os.path.isdir(root) else data
+    else:
+        candidates = [os.path.join(data, s) for s in ("val", "test")]
+        found = [c for c in candidates if os.path.isdir(c)]
+        if not found:
+            raise DataError(f"dataset folder {data!r} has no val/ or test/ sub-folder for evaluation")
+        root = found[0]
+    return ImageFolder(root, subset_per_class=subset_per_class)
+
+
+# ---------------------------------------------------------------------------------------------
+# Transforms
+# ---------------------------------------------------------------------------------------------
+def random_resized_crop(img, size, rng, scale=(0.3, 1.0), ratio=(3 / 4, 4 / 3)):
+    """torchvision's RandomResizedCrop algorithm (used by I-JEPA with scale (0.3, 1.0)): area
+    fraction uniform in `scale`, aspect ratio log-uniform in `ratio`, 10 tries, then a center crop."""
+    W, H = img.size
+    area = W * H
+    for _ in range(10):
+        target = area * rng.uniform(*scale)
+        aspect = math.exp(rng.uniform(math.log(ratio[0]), math.log(ratio[1])))
+        w = int(round(math.sqrt(target * aspect)))
+        h = int(round(math.sqrt(target / aspect)))
+        if 0 < w <= W and 0 < h <= H:
+            left, top = rng.randint(0, W - w), rng.randint(0, H - h)
+            return img.resize((size, size), Image.BILINEAR, box=(left, top, left + w, top + h))
+    s = min(W, H)  # fallback: largest centered square
+    left, top = (W - s) // 2, (H - s) // 2
+    return img.resize((size, size), Image.BILINEAR, box=(left, top, left + s, top + s))
+
+
+def center_crop_pil(img, size):
+    """Resize the short side to size*256/224, then center-crop size x size (evaluation)."""
+    W, H = img.size
+    short = int(round(size * 256 / 224))
+    scale = short / min(W, H)
+    img = img.resize((max(size, round(W * scale)), max(size, round(H * scale))), Image.BILINEAR)
+    W, H = img.size
+    left, top = (W - size) // 2, (H - size) // 2
+    return img.crop((left, top, left + size, top + size))
+
+
+def to_uint8_tensor(img):
+    """PIL RGB -> uint8 tensor [3, H, W] (normalised later, on the device)."""
+    return torch.from_numpy(np.asarray(img, dtype=np.uint8).copy()).permute(2, 0, 1)
+
+
+def normalize(batch):
+    """uint8 [B, 3, H, W] -> float32 normalised with the ImageNet mean and std (I-JEPA)."""
+    mean = torch.tensor(IMAGENET_MEAN, device=batch.device).view(1, 3, 1, 1) * 255
+    std = torch.tensor(IMAGENET_STD, device=batch.device).view(1, 3, 1, 1) * 255
+    return (batch.float() - mean) / std
+
+
+class Augmented(torch.utils.data.Dataset):
+    """Wraps a base dataset. Indexed by (i, seed): seed drives the random crop (train=True);
+    train=False applies the deterministic evaluation crop. Returns (uint8 image, label, bad_names):
+    a sample that cannot be read is replaced by the next readable one and its name reported."""
+
+    def __init__(self, base, img_size, train=True, max_skip=50):
+        self.base, self.img_size, self.train, self.max_skip = base, img_size, train, max_skip
+
+    def __len__(self):
+        return len(self.base)
+
+    def __getitem__(self, key):
+        i, seed = key if isinstance(key, tuple) else (key, 0)
+        bad = []
+        for k in range(self.max_skip):
+            j = (i + k) % len(self.base)
+            try:
+                img = self.base.load(j)
+            except BadImage:
+                bad.append(self.base.name(j))
+                continue
+            if self.train:
+                img = random_resized_crop(img, self.img_size, random.Random(seed))
+            else:
+                img = center_crop_pil(img, self.img_size)
+            return to_uint8_tensor(img), self.base.labels[j], tuple(bad)
+        raise DataError(f"{self.max_skip} images in a row could not be read, starting at {self.base.name(i)}: "
+                        f"is {self.base.root} an image dataset?")
+
+
+def collate(samples):
+    images, labels, bad = zip(*samples)
+    return torch.stack(images), torch.tensor(labels), [b for group in bad for b in group]

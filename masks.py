@@ -1,0 +1,163 @@
+"""
+masks.py -- I-JEPA multi-block masking (paper Sec. 4.3; I-JEPA Sec. 3 and `MaskCollator`).
+
+Per batch:
+  * one target block size (scale in (0.15, 0.2) of the patch grid, aspect ratio h/w in (0.75, 1.5))
+    and one context block size (scale in (0.85, 1.0), aspect 1) are drawn (I-JEPA: sizes once per
+    batch so that every image has the same number of target patches);
+  * per image, L = 4 target blocks are placed at random positions (they may overlap each other),
+    and one context block; the target patches are removed from the context (Sec. 4.3);
+  * context lists are truncated to the shortest one in the batch so they stack into a tensor.
+
+Departures from the reference code, both to remove a bias:
+  * I-JEPA draws the top-left corner with randint(0, H - h), which never reaches the last row or
+    column; here randint(0, H - h + 1), so every patch can be covered.
+  * I-JEPA truncates the context to its first `min` indices (dropping the bottom of the image);
+    here a random subset of that size is kept (in ascending order).
+Retries are bounded: a configuration that cannot leave `min_keep` context patches raises an error.
+
+Run `python masks.py --show masks.png` to draw examples.
+"""
+import argparse
+import math
+
+import torch
+
+
+def block_size(generator, scale, aspect, grid_h, grid_w):
+    """Draw (h, w) of a block: area = scale * N patches, aspect = h / w (I-JEPA `_sample_block_size`)."""
+    u = torch.rand(2, generator=generator).tolist()
+    s = scale[0] + u[0] * (scale[1] - scale[0])
+    # I-JEPA draws the aspect ratio uniformly in linear (not log) space.
+    a = aspect[0] + u[1] * (aspect[1] - aspect[0])
+    area = s * grid_h * grid_w
+    h = int(round(math.sqrt(area * a)))
+    w = int(round(math.sqrt(area / a)))
+    return max(1, min(h, grid_h)), max(1, min(w, grid_w))
+
+
+def place_block(generator, h, w, grid_h, grid_w):
+    """A [grid_h, grid_w] bool mask with one h x w block at a uniform position; the top-left corner
+    ranges over 0..grid_h-h and 0..grid_w-w inclusive, so the last row and column are reachable."""
+    top = int(torch.randint(0, grid_h - h + 1, (1,), generator=generator))
+    left = int(torch.randint(0, grid_w - w + 1, (1,), generator=generator))
+    mask = torch.zeros(grid_h, grid_w, dtype=torch.bool)
+    mask[top:top + h, left:left + w] = True
+    return mask
+
+
+def default_min_keep(grid_h, grid_w):
+    """I-JEPA keeps at least 10 context patches on its 14x14 grid; scale that by the grid area."""
+    return max(1, math.ceil(10 * grid_h * grid_w / 196))
+
+
+def sample_masks(batch_size, grid_h, grid_w, generator=None, n_targets=4, target_scale=(0.15, 0.2),
+                 target_aspect=(0.75, 1.5), context_scale=(0.85, 1.0), context_aspect=(1.0, 1.0),
+                 min_keep=None, max_tries=100):
+    """Returns (context [B, Nc], targets [B, L, Nt]) as LongTensors of row-major patch indices.
+
+    Invariants (tested): every target block is a full h x w rectangle of the same size for the whole
+    batch; context and targets are disjoint; Nc >= min_keep; indices are in [0, grid_h * grid_w).
+    """
+    if n_targets < 1:
+        raise ValueError(f"n_targets must be >= 1, got {n_targets}")
+    if batch_size < 1:
+        raise ValueError(f"batch_size must be >= 1, got {batch_size}")
+    if min_keep is None:
+        min_keep = default_min_keep(grid_h, grid_w)
+    g = generator if generator is not None else torch.Generator().manual_seed(torch.seed() % 2**62)
+    th, tw = block_size(g, target_scale, target_aspect, grid_h, grid_w)
+    ch, cw = block_size(g, context_scale, context_aspect, grid_h, grid_w)
+    contexts, targets = [], []
+    for _ in range(batch_size):
+        for _try in range(max_tries):
+            blocks = [place_block(g, th, tw, grid_h, grid_w) for _ in range(n_targets)]
+            covered = torch.stack(blocks).any(0)
+            context = place_block(g, ch, cw, grid_h, grid_w) & ~covered  # Sec. 4.3: remove targets
+            if int(context.sum()) >= min_keep:
+                break
+        else:
+            raise RuntimeError(
+                f"could not leave {min_keep} context patches after {max_tries} tries on a {grid_h}x{grid_w} "
+                f"grid with {n_targets} targets of {th}x{tw}: use fewer/smaller targets or a larger image")
+        contexts.append(context.flatten().nonzero().squeeze(1))
+        targets.append(torch.stack([b.flatten().nonzero().squeeze(1) for b in blocks]))
+    n_keep = min(len(c) for c in contexts)  # truncate to the shortest context in the batch
+    contexts = [c[torch.randperm(len(c), generator=g)[:n_keep].sort().values] for c in contexts]
+    return torch.stack(contexts), torch.stack(targets)
+
+
+# ---------------------------------------------------------------------------------------------
+# Picture: python masks.py --show masks.png
+# ---------------------------------------------------------------------------------------------
+TARGET_COLOURS = [(230, 60, 60), (240, 200, 40), (60, 120, 230), (60, 190, 90), (180, 90, 210), (240, 140, 40)]
+
+
+def draw_masks(images, context, targets, grid, cell=None):
+    """images: list of PIL RGB images (square). Returns one PIL image: per example, the image with
+    context patches shown as they are, dropped patches darkened, target blocks outlined and tinted."""
+    from PIL import Image, ImageDraw
+    size = cell or max(96, images[0].width)
+    p = size / grid
+    tiles = []
+    for img, ctx, tgt in zip(images, context.tolist(), targets.tolist()):
+        base = img.convert("RGB").resize((size, size), Image.NEAREST)
+        dark = Image.blend(base, Image.new("RGB", base.size, (0, 0, 0)), 0.75)
+        keep = Image.new("L", base.size, 0)
+        dk = ImageDraw.Draw(keep)
+        for i in ctx:
+            r, c = divmod(i, grid)
+            dk.rectangle([c * p, r * p, (c + 1) * p - 1, (r + 1) * p - 1], fill=255)
+        tile = Image.composite(base, dark, keep)
+        overlay = tile.copy()
+        d = ImageDraw.Draw(overlay)
+        for j, block in enumerate(tgt):
+            colour = TARGET_COLOURS[j % len(TARGET_COLOURS)]
+            rows = [i // grid for i in block]
+            cols = [i % grid for i in block]
+            d.rectangle([min(cols) * p, min(rows) * p, (max(cols) + 1) * p - 1, (max(rows) + 1) * p - 1], fill=colour)
+        tile = Image.blend(tile, overlay, 0.35)
+        d = ImageDraw.Draw(tile)
+        for j, block in enumerate(tgt):
+            colour = TARGET_COLOURS[j % len(TARGET_COLOURS)]
+            rows = [i // grid for i in block]
+            cols = [i % grid for i in block]
+            d.rectangle([min(cols) * p, min(rows) * p, (max(cols) + 1) * p - 1, (max(rows) + 1) * p - 1],
+                        outline=colour, width=2)
+        tiles.append(tile)
+    n = len(tiles)
+    ncol = min(4, n)
+    nrow = math.ceil(n / ncol)
+    pad = 6
+    sheet = Image.new("RGB", (ncol * (size + pad) + pad, nrow * (size + pad) + pad + 18), (255, 255, 255))
+    for k, tile in enumerate(tiles):
+        sheet.paste(tile, (pad + (k % ncol) * (size + pad), pad + 18 + (k // ncol) * (size + pad)))
+    ImageDraw.Draw(sheet).text((pad, 3), "context = bright patches; 4 targets = coloured boxes", fill=(0, 0, 0))
+    return sheet
+
+
+def main():
+    parser = argparse.ArgumentParser(description="Draw I-JEPA multi-block masks on example images.")
+    parser.add_argument("--show", required=True, help="output PNG path")
+    parser.add_argument("--data", default="shapes", help="built-in dataset name or ImageFolder root")
+    parser.add_argument("--img", type=int, default=224)
+    parser.add_argument("--patch", type=int, default=16)
+    parser.add_argument("--n", type=int, default=8, help="number of examples")
+    parser.add_argument("--seed", type=int, default=0)
+    args = parser.parse_args()
+    import data
+    if args.img % args.patch:
+        raise SystemExit(f"error: image size {args.img} is not divisible by patch size {args.patch}")
+    dataset = data.build_dataset(args.data, "train", args.img)
+    g = torch.Generator().manual_seed(args.seed)
+    picks = torch.randperm(len(dataset), generator=g)[:args.n].tolist()
+    images = [data.center_crop_pil(dataset.load(i), args.img) for i in picks]
+    grid = args.img // args.patch
+    context, targets = sample_masks(len(images), grid, grid, generator=g)
+    draw_masks(images, context, targets, grid).save(args.show)
+    print(f"wrote {args.show}: {len(images)} images, grid {grid}x{grid}, context {context.shape[1]} patches, "
+          f"targets {targets.shape[1]} x {targets.shape[2]} patches")
+
+
+if __name__ == "__main__":
+    main()
