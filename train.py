@@ -111,7 +111,8 @@ def resolve_config(args, ckpt_config=None):
         if clash:
             what = ", ".join(f"--{k.replace('_', '-')} {new} (checkpoint: {old})" for k, (old, new) in clash.items())
             raise ConfigError(f"checkpoint was trained with another config: {what}")
-        cfg = dict(ckpt_config, **given)
+        cfg = dict(ckpt_config, max_steps=None)  # --max-steps belongs to one invocation, not to the run
+        cfg.update(given)
     else:
         cfg = dict(COMMON_DEFAULTS)
         cfg["data"] = given.get("data", cfg["data"])
