@@ -67,7 +67,7 @@ def parse_args(argv=None):
     a("--resume", nargs="?", const="auto", help="continue OUT/ckpt.pt (or the given checkpoint)")
     a("--epochs", type=int)
     a("--batch", type=int, help="global batch size (split over DDP processes)")
-    a("--model", choices=list(PRESETS))
+    a("--model", help=f"encoder preset: {', '.join(PRESETS)}")
     a("--img", type=int, help="image size (pixels)")
     a("--patch", type=int, help="patch size (pixels)")
     a("--lr", type=float, help="peak learning rate (default 1e-3)")
@@ -422,7 +422,7 @@ def train(cfg, ckpt=None):
         if m is not None:
             m.to(device)
     trainable = [m for m in (student, pred_c, pred_n) if m is not None]
-    optimizer = torch.optim.AdamW(param_groups(trainable), lr=cfg.lr, betas=(0.9, 0.999))  # Sec. 4.4
+    optimizer = torch.optim.AdamW(param_groups(trainable), lr=cfg.lr, betas=(0.9, 0.999), fused=True)  # Sec. 4.4; fused: one kernel
     step = 0
     if ckpt is not None:
         student.load_state_dict(ckpt["student"])
@@ -580,11 +580,114 @@ def train(cfg, ckpt=None):
         dist.destroy_process_group()
     return exit_code
 
+# ---------------------------------------------------------------------------------------------
+# Benchmark: python train.py --bench [--model --img --patch --batch ...]
+# Warm-up plus timed full steps (masks + teacher + student + predictors + losses + backward + AdamW
+# + EMA) on synthetic images; one result line like nanoGPT's MFU report. Not a test: numbers depend
+# on the machine, so no test asserts on them.
+# ---------------------------------------------------------------------------------------------
+# Dense bf16 tensor-core peaks (FLOP/s) from the vendors' data sheets, by substring of the device name.
+GPU_PEAK_BF16 = {"H100 SXM": 989e12, "H100 80GB HBM3": 989e12, "H100 NVL": 835e12, "H100 PCIe": 756e12, "H100": 989e12,
+                 "H200": 989e12, "A100": 312e12, "L40S": 362e12, "L4": 121e12, "A10": 125e12,
+                 "RTX 4090": 165e12, "RTX 3090": 71e12, "V100": 125e12}
+
+
+def measure_cpu_peak(n=2048, seconds=1.0):
+    """The fp32 matmul rate of this process on this CPU (FLOP/s): the best of repeated n x n matmuls."""
+    a, b = torch.randn(n, n), torch.randn(n, n)
+    a @ b  # warm-up
+    best, t_end = 0.0, time.perf_counter() + seconds
+    while time.perf_counter() < t_end:
+        t = time.perf_counter()
+        a @ b
+        best = max(best, 2 * n ** 3 / (time.perf_counter() - t))
+    return best
+
+
+def device_peak(device):
+    """(peak FLOP/s, how it was found) for MFU."""
+    if device.type == "cuda":
+        name = torch.cuda.get_device_name(device)
+        for key, peak in GPU_PEAK_BF16.items():
+            if key in name:
+                return peak, f"{name} bf16 data sheet"
+        return None, f"{name}: unknown peak"
+    return measure_cpu_peak(), "fp32 matmul measured in this process"
+
+
+def peak_memory_gb(device):
+    if device.type == "cuda":
+        return torch.cuda.max_memory_allocated(device) / 1e9
+    import resource
+    return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1e6  # KiB on Linux -> GB (process peak RSS)
+
+
+def bench(cfg, steps=10, warmup=3):
+    device, _, _ = setup_device_and_ddp(cfg)
+    torch.manual_seed(cfg.seed)
+    student, teacher, pred_c, pred_n = build_models(cfg)
+    for m in (student, teacher, pred_c, pred_n):
+        if m is not None:
+            m.to(device)
+    trainable = [m for m in (student, pred_c, pred_n) if m is not None]
+    optimizer = torch.optim.AdamW(param_groups(trainable), lr=cfg.lr, fused=True)
+    raw_student, raw_teacher = student, teacher
+    if cfg.compile:
+        student, teacher = torch.compile(student, dynamic=True), torch.compile(teacher)
+        pred_c = torch.compile(pred_c, dynamic=True)
+        pred_n = torch.compile(pred_n, dynamic=True) if pred_n is not None else None
+    autocast = torch.autocast("cuda", dtype=torch.bfloat16) if device.type == "cuda" else torch.autocast("cpu", enabled=False)
+    grid = cfg.img // cfg.patch
+    images_u8 = torch.randint(0, 256, (cfg.batch, 3, cfg.img, cfg.img), dtype=torch.uint8)
+    mask_gen, noise_gen = torch.Generator(), torch.Generator(device=device)
+    peak, peak_src = device_peak(device)
+    times, flops, n_ctx, n_tgt = [], [], [], []
+    for step in tqdm(range(warmup + steps), desc="bench", unit="step", leave=False):
+        if device.type == "cuda":
+            torch.cuda.synchronize()
+        t0 = time.perf_counter()
+        mask_gen.manual_seed(step_seed(cfg.seed, step, stream=3))
+        noise_gen.manual_seed(step_seed(cfg.seed, step, stream=4))
+        context, targets = masks.sample_masks(cfg.batch, grid, grid, generator=mask_gen, n_targets=cfg.n_targets)
+        images = data.normalize(images_u8.to(device, non_blocking=True))
+        context, targets = context.to(device), targets.to(device)
+        with autocast:
+            loss, _, _ = forward_losses(cfg, images, context, targets, student, teacher, pred_c, pred_n, noise_gen)
+        optimizer.zero_grad(set_to_none=True)
+        loss.backward()
+        optimizer.step()
+        ema_update(raw_teacher, raw_student, 0.996)
+        if device.type == "cuda":
+            torch.cuda.synchronize()
+        if step >= warmup:
+            times.append(time.perf_counter() - t0)
+            flops.append(step_flops(cfg, cfg.batch, context.size(1), targets.size(2)))
+            n_ctx.append(context.size(1))
+            n_tgt.append(targets.size(2))
+    t_med = sorted(times)[len(times) // 2]
+    achieved = sum(flops) / sum(times)
+    mode = "N-JEPA" if cfg.lambda1 > 0 or cfg.lambda2 > 0 else "I-JEPA"
+    res = {"model": cfg.model, "img": cfg.img, "patch": cfg.patch, "batch": cfg.batch, "mode": mode,
+           "compile": bool(cfg.compile), "device": str(device), "step_s": t_med, "img_s": cfg.batch / t_med,
+           "gflop_s": achieved / 1e9, "gflop_per_step": sum(flops) / len(flops) / 1e9,
+           "mfu": achieved / peak if peak else None, "peak_gflop_s": peak / 1e9 if peak else None, "peak_source": peak_src,
+           "peak_mem_gb": peak_memory_gb(device), "n_ctx": sum(n_ctx) / len(n_ctx), "n_tgt": sum(n_tgt) / len(n_tgt),
+           "threads": torch.get_num_threads()}
+    mfu = f"MFU {100 * res['mfu']:.1f}% of {res['peak_gflop_s']:.0f} GFLOP/s ({peak_src})" if peak else f"MFU n/a ({peak_src})"
+    print(f"bench | {cfg.model} {cfg.img}px/{cfg.patch} batch {cfg.batch} | {mode}{' compiled' if cfg.compile else ''} | "
+          f"step {1000 * t_med:.0f} ms (median of {steps}) | {res['img_s']:.1f} img/s | {res['gflop_s']:.1f} GFLOP/s | "
+          f"{mfu} | peak mem {res['peak_mem_gb']:.2f} GB | ctx {res['n_ctx']:.0f} + {cfg.n_targets}x{res['n_tgt']:.0f} tgt patches")
+    print(json.dumps(res))
+    return res
+
 
 def main(argv=None):
     args = parse_args(argv)
     try:
         ckpt = None
+        if args.bench:
+            bench(resolve_config(args), steps=args.bench_steps)
+            return 0
         if args.resume:
             out = args.out or COMMON_DEFAULTS["out"]
             path = os.path.join(out, "ckpt.pt") if args.resume == "auto" else args.resume
