@@ -359,6 +359,17 @@ def test_decompression_bomb_is_skipped_not_fatal(tmp_path, monkeypatch):
         data.load_image(str(tmp_path / "big.png"))
 
 
+def test_training_skips_and_reports_corrupt_images(tmp_path, capsys):
+    root = make_folder(tmp_path / "ds", classes=("a", "b"), per_class=7, size=32)  # + 2 bad = one batch of 16
+    (root / "train" / "a" / "broken.jpg").write_bytes(b"\xff\xd8\xff garbage")
+    (root / "train" / "b" / "empty.png").write_bytes(b"")
+    out = str(tmp_path / "o")
+    assert train.main(FAST + ["--data", str(root), "--epochs", "2", "--out", out, "--workers", "1"]) == 0
+    err = capsys.readouterr().err
+    assert err.count("skipped 2 unreadable image(s)") == 1 and "broken.jpg" in err and "empty.png" in err
+    assert train.read_log(os.path.join(out, "log.jsonl"))[-1]["step"] == 2
+
+
 def test_missing_and_empty_dataset_folders_fail_with_one_line(tmp_path):
     r = run_cli("train.py", "--data", str(tmp_path / "nope"), "--out", str(tmp_path / "o"))
     assert r.returncode == 2 and r.stderr.strip().count("\n") == 0 and "does not exist" in r.stderr
@@ -496,15 +507,18 @@ def test_checkpoint_loading_is_weights_only(tmp_path):
 
 @pytest.mark.parametrize("sig", [signal.SIGINT, signal.SIGTERM])
 def test_signal_saves_a_checkpoint_and_resume_continues(tmp_path, sig):
+    """The signal goes to the whole process group, DataLoader worker included (as Ctrl-C does)."""
     out = str(tmp_path / "sig")
+    root = make_folder(tmp_path / "ds", classes=("a", "b"), per_class=8, size=32)
     env = dict(os.environ, PYTHONUNBUFFERED="1", OMP_NUM_THREADS="1")
-    proc = subprocess.Popen([sys.executable, "train.py", *FAST, "--epochs", "50", "--out", out], cwd=HERE, env=env,
-                            stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+    proc = subprocess.Popen([sys.executable, "train.py", *FAST, "--data", str(root), "--workers", "1", "--epochs", "50",
+                             "--out", out], cwd=HERE, env=env, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
+                            start_new_session=True)
     log = os.path.join(out, "log.jsonl")
     deadline = time.time() + 120
     while time.time() < deadline and len(train.read_log(log) if os.path.exists(log) else []) < 3:
         time.sleep(0.2)
-    proc.send_signal(sig)
+    os.killpg(proc.pid, sig)
     stdout, stderr = proc.communicate(timeout=120)
     assert proc.returncode == 130, stderr
     step = torch.load(os.path.join(out, "ckpt.pt"), weights_only=True)["step"]

@@ -390,6 +390,13 @@ def setup_device_and_ddp(cfg):
     return device, rank, world
 
 
+def ignore_signals_in_worker(_worker_id):
+    """Ctrl-C reaches the whole process group: DataLoader workers ignore it (and SIGTERM) so that only
+    the main process reacts, saves a checkpoint and then shuts the workers down."""
+    signal.signal(signal.SIGINT, signal.SIG_IGN)
+    signal.signal(signal.SIGTERM, signal.SIG_IGN)
+
+
 def default_workers(cfg, world):
     if cfg.workers >= 0:
         return cfg.workers
@@ -486,7 +493,8 @@ def train(cfg, ckpt=None):
         epoch, start_batch = divmod(step, ipe)
         batches = epoch_batches(len(dataset), epoch, cfg, rank, world, start_batch)
         loader = torch.utils.data.DataLoader(loader_data, batch_sampler=batches, num_workers=workers,
-                                             collate_fn=data.collate, pin_memory=device.type == "cuda")
+                                             collate_fn=data.collate, pin_memory=device.type == "cuda",
+                                             worker_init_fn=ignore_signals_in_worker)
         bad_this_epoch = []
         for images, _, bad in loader:
             # -- schedules for this step (pure functions of the step)
