@@ -352,6 +352,18 @@ def test_image_folder_reads_odd_images_and_skips_bad_ones(tmp_path):
     assert x.shape == (3, 16, 16) and bad == (ds.paths[names["fake.jpg"]],)
 
 
+def test_empty_class_folder_warns_and_keeps_labels_and_large_images_load(tmp_path):
+    root = make_folder(tmp_path, classes=("a", "c"), per_class=2)
+    (root / "train" / "b").mkdir()  # a class with no images
+    Image.new("RGB", (4000, 3000), "blue").save(root / "train" / "c" / "big.jpg")
+    with pytest.warns(UserWarning, match="hold no images: b"):
+        ds = data.ImageFolder(str(root / "train"))
+    assert ds.classes == ["a", "b", "c"] and sorted(set(ds.labels)) == [0, 2]
+    big = [i for i, p in enumerate(ds.paths) if p.endswith("big.jpg")][0]
+    x, y, bad = data.Augmented(ds, 32, train=True)[(big, 1)]
+    assert x.shape == (3, 32, 32) and y == 2 and bad == ()
+
+
 def test_decompression_bomb_is_skipped_not_fatal(tmp_path, monkeypatch):
     Image.new("RGB", (200, 200)).save(tmp_path / "big.png")
     monkeypatch.setattr(Image, "MAX_IMAGE_PIXELS", 1000)  # 40,000 px is a "bomb" now
@@ -589,3 +601,19 @@ def test_probe_cli_caches_features_and_checks_classes(tmp_path, capsys):
     assert probe.main(["--ckpt", ck, "--data", str(other)]) == 2
     assert "other classes" in capsys.readouterr().err
     assert probe.main(["--ckpt", str(tmp_path / "missing.pt")]) == 2
+
+
+# ---------------------------------------------------------------------------------------------
+# benchmark mode (runs, reports consistent fields; no assertion on speed)
+# ---------------------------------------------------------------------------------------------
+def test_bench_mode_reports_step_time_flops_and_mfu(capsys):
+    cfg = train.resolve_config(train.parse_args(["--model", "vit_tiny", "--img", "32", "--patch", "8", "--batch", "4",
+                                                 "--pred-depth", "1", "--device", "cpu"]))
+    res = train.bench(cfg, steps=2, warmup=1)
+    line = capsys.readouterr().out
+    assert line.startswith("bench | vit_tiny 32px/8 batch 4 | N-JEPA") and "MFU" in line
+    assert res["step_s"] > 0 and res["img_s"] == pytest.approx(4 / res["step_s"])
+    assert res["gflop_per_step"] * 1e9 == pytest.approx(train.step_flops(cfg, 4, res["n_ctx"], res["n_tgt"]), rel=0.2)
+    assert res["peak_gflop_s"] > 0 and res["mfu"] > 0 and res["peak_mem_gb"] > 0
+    rate = train.bench_data(cfg, batches=3)
+    assert rate > 0 and "bench-data | builtin:shapes/train" in capsys.readouterr().out

@@ -98,13 +98,14 @@ def parse_args(argv=None):
     a("--max-steps", type=int, help="stop (with a checkpoint) after this step; schedules still span --epochs")
     a("--bench", action="store_true", help="benchmark: timed steps on synthetic images, one result line")
     a("--bench-steps", type=int, default=10)
+    a("--bench-data", action="store_true", help="benchmark the data pipeline (decode + crop) alone: images/s")
     return p.parse_args(argv)
 
 
 def resolve_config(args, ckpt_config=None):
     """Options given on the command line win; a resumed run takes the others from its checkpoint;
     the rest come from the defaults (paper setting with --data DIR, reduced setting otherwise)."""
-    given = {k: v for k, v in vars(args).items() if v is not None and k not in ("resume", "bench", "bench_steps")}
+    given = {k: v for k, v in vars(args).items() if v is not None and k not in ("resume", "bench", "bench_steps", "bench_data")}
     if ckpt_config is not None:
         clash = {k: (ckpt_config.get(k), v) for k, v in given.items()
                  if k not in RESUME_MAY_CHANGE and ckpt_config.get(k) != v}
@@ -461,10 +462,9 @@ def train(cfg, ckpt=None):
             f.writelines(json.dumps(r) + "\n" for r in kept)
     elif master:
         open(log_path, "w").close()
-    stop_signal = []
-    if master or world > 1:
-        for sig in (signal.SIGINT, signal.SIGTERM):
-            signal.signal(sig, lambda signum, frame: stop_signal.append(signum))
+    stop_signal = []  # Ctrl-C / SIGTERM: finish the step, save, exit (checked below, on every rank)
+    for sig in (signal.SIGINT, signal.SIGTERM):
+        signal.signal(sig, lambda signum, frame: stop_signal.append(signum))
     mask_gen = torch.Generator()
     noise_gen = torch.Generator(device=device)
     end_step = min(total_steps, cfg.max_steps or total_steps)
@@ -689,10 +689,31 @@ def bench(cfg, steps=10, warmup=3):
     return res
 
 
+def bench_data(cfg, batches=30):
+    """Images/s of the DataLoader alone (decode, random crop, collate) with cfg.workers workers, to
+    compare with the training images/s: if it is lower, the accelerator waits for data."""
+    dataset = data.build_dataset(cfg.data, "train", cfg.img, cfg.subset_per_class)
+    workers = default_workers(cfg, 1)
+    batches = epoch_batches(len(dataset), 0, cfg, 0, 1)[:batches]
+    loader = torch.utils.data.DataLoader(data.Augmented(dataset, cfg.img, train=True), batch_sampler=batches,
+                                         num_workers=workers, collate_fn=data.collate, worker_init_fn=ignore_signals_in_worker)
+    it = iter(loader)
+    next(it)  # start-up (worker processes) is not counted
+    t0, n = time.perf_counter(), 0
+    for images, _, _ in tqdm(it, total=len(batches) - 1, desc="data", leave=False):
+        n += images.size(0)
+    rate = n / (time.perf_counter() - t0)
+    print(f"bench-data | {dataset.root} | {cfg.img}px | {workers} workers | {rate:.0f} img/s (decode + crop + collate)")
+    return rate
+
+
 def main(argv=None):
     args = parse_args(argv)
     try:
         ckpt = None
+        if args.bench_data:
+            bench_data(resolve_config(args))
+            return 0
         if args.bench:
             bench(resolve_config(args), steps=args.bench_steps)
             return 0
