@@ -427,6 +427,12 @@ def test_training_loss_falls_and_writes_outputs(tmp_path):
     assert not torch.equal(s, t)
 
 
+def test_collapse_warning_is_printed_once(tmp_path, monkeypatch, capsys):
+    monkeypatch.setattr(train, "COLLAPSE_STD", 10.0)  # every run looks collapsed against this threshold
+    assert train.main(FAST + ["--epochs", "1", "--max-steps", "3", "--out", str(tmp_path / "c")]) == 0
+    assert capsys.readouterr().err.count("collapsing to a constant") == 1
+
+
 def test_ijepa_mode_has_no_predictor_n(tmp_path):
     out = str(tmp_path / "ij")
     assert train.main(FAST + ["--epochs", "1", "--out", out, "--lambda1", "0", "--lambda2", "0"]) == 0
