@@ -29,6 +29,7 @@ import torch.nn.functional as F
 from tqdm import tqdm
 
 import data
+import train
 from model import vit
 
 LR_GRID = (0.01, 0.03, 0.1, 0.3, 1.0)  # base lr for batch 256, scaled by batch/256 (DINO linear eval)
@@ -53,7 +54,7 @@ def extract_features(encoder, dataset, img_size, last_layers, device, batch=256,
     loader = torch.utils.data.DataLoader(data.Augmented(dataset, img_size, train=False), batch_size=batch,
                                          num_workers=workers, collate_fn=data.collate)
     feats, labels, bad = [], [], []
-    autocast = torch.autocast("cuda", dtype=torch.bfloat16) if device.type == "cuda" else torch.autocast("cpu", enabled=False)
+    autocast = train.autocast_for(device)
     for images, y, skipped in tqdm(loader, desc="features", unit="batch", leave=False):
         with autocast:
             outs = encoder(data.normalize(images.to(device)), return_layers=last_layers)
@@ -168,7 +169,6 @@ def run(args):
     if not 0 < args.label_fraction <= 1:
         raise ProbeError(f"--label-fraction must be in (0, 1], got {args.label_fraction}")
     if args.ckpt:
-        import train
         ckpt = train.load_checkpoint(args.ckpt)
         cfg = ckpt["config"]
         model, img, patch = cfg["model"], cfg["img"], cfg["patch"]
@@ -230,14 +230,9 @@ def main(argv=None):
     try:
         run(parse_args(argv))
         return 0
-    except (ProbeError, data.DataError) as e:
+    except (ProbeError, data.DataError, train.ConfigError) as e:
         print(f"error: {e}", file=sys.stderr)
         return 2
-    except Exception as e:  # train.ConfigError from loading a checkpoint
-        if type(e).__name__ == "ConfigError":
-            print(f"error: {e}", file=sys.stderr)
-            return 2
-        raise
 
 
 if __name__ == "__main__":

@@ -410,6 +410,39 @@ def default_workers(cfg, world):
     return min(8, max(1, (os.cpu_count() or 2) // world - 1))
 
 
+def build_on_device(cfg, device):
+    """The four models on `device` and AdamW over the trainable ones (student, predictors)."""
+    student, teacher, pred_c, pred_n = build_models(cfg)
+    for m in (student, teacher, pred_c, pred_n):
+        if m is not None:
+            m.to(device)
+    trainable = [m for m in (student, pred_c, pred_n) if m is not None]
+    optimizer = torch.optim.AdamW(param_groups(trainable), lr=cfg.lr, betas=(0.9, 0.999), fused=True)  # Sec. 4.4; fused: one kernel
+    return student, teacher, pred_c, pred_n, optimizer
+
+
+def compile_models(student, teacher, pred_c, pred_n):
+    """torch.compile; the context length changes every batch, hence dynamic shapes for the student and predictors."""
+    pred_n = torch.compile(pred_n, dynamic=True) if pred_n is not None else None
+    return torch.compile(student, dynamic=True), torch.compile(teacher), torch.compile(pred_c, dynamic=True), pred_n
+
+
+def autocast_for(device):
+    """bf16 autocast on CUDA, plain fp32 on CPU."""
+    return torch.autocast("cuda", dtype=torch.bfloat16) if device.type == "cuda" else torch.autocast("cpu", enabled=False)
+
+
+def step_inputs(cfg, step, rank, images_u8, mask_gen, noise_gen, device):
+    """Seed this step's mask and noise streams from (seed, step, rank), sample the masks and move the
+    batch to the device. Returns normalised images [B, 3, H, W], context [B, Nc], targets [B, L, Nt]."""
+    mask_gen.manual_seed(step_seed(cfg.seed, step, rank, stream=3))
+    noise_gen.manual_seed(step_seed(cfg.seed, step, rank, stream=4))
+    grid = cfg.img // cfg.patch
+    context, targets = masks.sample_masks(images_u8.size(0), grid, grid, generator=mask_gen, n_targets=cfg.n_targets)
+    images = data.normalize(images_u8.to(device, non_blocking=True))
+    return images, context.to(device, non_blocking=True), targets.to(device, non_blocking=True)
+
+
 # ---------------------------------------------------------------------------------------------
 # Training
 # ---------------------------------------------------------------------------------------------
@@ -427,14 +460,8 @@ def train(cfg, ckpt=None):
     loader_data = data.Augmented(dataset, cfg.img, train=True)
     ipe = len(dataset) // cfg.batch  # iterations per epoch
     total_steps = cfg.epochs * ipe
-    grid = cfg.img // cfg.patch
 
-    student, teacher, pred_c, pred_n = build_models(cfg)
-    for m in (student, teacher, pred_c, pred_n):
-        if m is not None:
-            m.to(device)
-    trainable = [m for m in (student, pred_c, pred_n) if m is not None]
-    optimizer = torch.optim.AdamW(param_groups(trainable), lr=cfg.lr, betas=(0.9, 0.999), fused=True)  # Sec. 4.4; fused: one kernel
+    student, teacher, pred_c, pred_n, optimizer = build_on_device(cfg, device)
     step = 0
     if ckpt is not None:
         student.load_state_dict(ckpt["student"])
@@ -451,13 +478,10 @@ def train(cfg, ckpt=None):
         ids = [device.index] if device.type == "cuda" else None
         student, pred_c = DDP(student, device_ids=ids), DDP(pred_c, device_ids=ids)
         pred_n = DDP(pred_n, device_ids=ids) if pred_n is not None else None
+    teacher_run = teacher  # the EMA below updates `raw.teacher`; this is what runs forward
     if cfg.compile:
-        student, teacher_run = torch.compile(student, dynamic=True), torch.compile(teacher)
-        pred_c = torch.compile(pred_c, dynamic=True)
-        pred_n = torch.compile(pred_n, dynamic=True) if pred_n is not None else None
-    else:
-        teacher_run = teacher
-    autocast = torch.autocast("cuda", dtype=torch.bfloat16) if device.type == "cuda" else torch.autocast("cpu", enabled=False)
+        student, teacher_run, pred_c, pred_n = compile_models(student, teacher, pred_c, pred_n)
+    autocast = autocast_for(device)
 
     # bookkeeping
     if master and ckpt is not None:  # drop log lines written after the checkpoint (a crashed tail)
@@ -474,7 +498,7 @@ def train(cfg, ckpt=None):
     end_step = min(total_steps, cfg.max_steps or total_steps)
     workers = default_workers(cfg, world)
     if master:
-        n_params = sum(p.numel() for m in trainable for p in m.parameters()) / 1e6
+        n_params = sum(p.numel() for g in optimizer.param_groups for p in g["params"]) / 1e6
         mode = "N-JEPA" if raw.pred_n is not None or cfg.share_predictor and (cfg.lambda1 or cfg.lambda2) else "I-JEPA (lambda1 = lambda2 = 0)"
         print(f"njepa: {mode} | {cfg.model} {cfg.img}px/{cfg.patch} | data {dataset.root} ({len(dataset)} images, "
               f"{len(cfg.classes)} classes) | batch {cfg.batch} x {world} proc | {cfg.epochs} epochs x {ipe} steps | "
@@ -507,11 +531,7 @@ def train(cfg, ckpt=None):
                 group["lr"] = lr
                 group["weight_decay"] = wd if group["apply_wd"] else 0.0
             # -- masks and noise: seeded by (seed, step, rank)
-            mask_gen.manual_seed(step_seed(cfg.seed, step, rank, stream=3))
-            noise_gen.manual_seed(step_seed(cfg.seed, step, rank, stream=4))
-            context, targets = masks.sample_masks(images.size(0), grid, grid, generator=mask_gen, n_targets=cfg.n_targets)
-            images = data.normalize(images.to(device, non_blocking=True))
-            context, targets = context.to(device, non_blocking=True), targets.to(device, non_blocking=True)
+            images, context, targets = step_inputs(cfg, step, rank, images, mask_gen, noise_gen, device)
             # -- forward, three losses (Alg. 1 lines 9-18)
             with autocast:
                 loss, parts, extras = forward_losses(cfg, images, context, targets, student, teacher_run, pred_c, pred_n, noise_gen)
@@ -642,19 +662,11 @@ def peak_memory_gb(device):
 def bench(cfg, steps=10, warmup=3):
     device, _, _ = setup_device_and_ddp(cfg)
     torch.manual_seed(cfg.seed)
-    student, teacher, pred_c, pred_n = build_models(cfg)
-    for m in (student, teacher, pred_c, pred_n):
-        if m is not None:
-            m.to(device)
-    trainable = [m for m in (student, pred_c, pred_n) if m is not None]
-    optimizer = torch.optim.AdamW(param_groups(trainable), lr=cfg.lr, fused=True)
+    student, teacher, pred_c, pred_n, optimizer = build_on_device(cfg, device)
     raw_student, raw_teacher = student, teacher
     if cfg.compile:
-        student, teacher = torch.compile(student, dynamic=True), torch.compile(teacher)
-        pred_c = torch.compile(pred_c, dynamic=True)
-        pred_n = torch.compile(pred_n, dynamic=True) if pred_n is not None else None
-    autocast = torch.autocast("cuda", dtype=torch.bfloat16) if device.type == "cuda" else torch.autocast("cpu", enabled=False)
-    grid = cfg.img // cfg.patch
+        student, teacher, pred_c, pred_n = compile_models(student, teacher, pred_c, pred_n)
+    autocast = autocast_for(device)
     images_u8 = torch.randint(0, 256, (cfg.batch, 3, cfg.img, cfg.img), dtype=torch.uint8)
     mask_gen, noise_gen = torch.Generator(), torch.Generator(device=device)
     peak, peak_src = device_peak(device)
@@ -663,11 +675,7 @@ def bench(cfg, steps=10, warmup=3):
         if device.type == "cuda":
             torch.cuda.synchronize()
         t0 = time.perf_counter()
-        mask_gen.manual_seed(step_seed(cfg.seed, step, stream=3))
-        noise_gen.manual_seed(step_seed(cfg.seed, step, stream=4))
-        context, targets = masks.sample_masks(cfg.batch, grid, grid, generator=mask_gen, n_targets=cfg.n_targets)
-        images = data.normalize(images_u8.to(device, non_blocking=True))
-        context, targets = context.to(device), targets.to(device)
+        images, context, targets = step_inputs(cfg, step, 0, images_u8, mask_gen, noise_gen, device)
         with autocast:
             loss, _, _ = forward_losses(cfg, images, context, targets, student, teacher, pred_c, pred_n, noise_gen)
         optimizer.zero_grad(set_to_none=True)
