@@ -9,6 +9,9 @@ Per batch:
     and one context block; the target patches are removed from the context (Sec. 4.3);
   * context lists are truncated to the shortest one in the batch so they stack into a tensor.
 
+Block sides are clamped to grid - 1 as in I-JEPA (`while h >= height: h -= 1`): the context block is
+at most 13x13 on the paper's 14x14 grid, never the whole image (SPEC section 2).
+
 Departures from the reference code, both to remove a bias:
   * I-JEPA draws the top-left corner with randint(0, H - h), which never reaches the last row or
     column; here randint(0, H - h + 1), so every patch can be covered.
@@ -33,7 +36,9 @@ def block_size(generator, scale, aspect, grid_h, grid_w):
     area = s * grid_h * grid_w
     h = int(round(math.sqrt(area * a)))
     w = int(round(math.sqrt(area / a)))
-    return max(1, min(h, grid_h)), max(1, min(w, grid_w))
+    # I-JEPA clamps each side to grid - 1 (`while h >= height: h -= 1`), so no block, the context
+    # included, covers a whole side: 13x13 at most on 14x14, 7x7 on 8x8 (SPEC section 2, "masks").
+    return max(1, min(h, grid_h - 1)), max(1, min(w, grid_w - 1))
 
 
 def place_block(generator, h, w, grid_h, grid_w):

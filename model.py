@@ -10,8 +10,6 @@ facebookresearch/ijepa), which the paper builds on, and keeps its parameter name
 Shapes: B images, N patches per image, D encoder width, P predictor width,
 L target blocks per image, Nc context patches, Nt patches per target block.
 """
-import math
-
 import numpy as np
 import torch
 import torch.nn as nn
@@ -104,10 +102,12 @@ class Block(nn.Module):
         return x + self.mlp(self.norm2(x))
 
 
-def init_weights(module, blocks, std=0.02):
-    """I-JEPA initialisation: truncated normal (std 0.02) for linear/conv weights, zero biases,
-    unit LayerNorms, then the output projections of block i (attn.proj, mlp.fc2) divided by
-    sqrt(2 * i) (I-JEPA `fix_init_weight`, following GPT-2)."""
+def init_weights(module, std=0.02):
+    """What official I-JEPA training runs (SPEC section 2, "init"): truncated normal (std 0.02) for
+    linear and conv weights, zero biases, unit LayerNorms. I-JEPA's model also divides the output
+    projections of block i by sqrt(2 i) (`fix_init_weight`, GPT-2), but its `helper.init_model`
+    re-initialises every Linear afterwards, which erases that rescale; so official runs start
+    without it, and so do we."""
     for m in module.modules():
         if isinstance(m, (nn.Linear, nn.Conv2d)):
             nn.init.trunc_normal_(m.weight, std=std)
@@ -116,9 +116,6 @@ def init_weights(module, blocks, std=0.02):
         elif isinstance(m, nn.LayerNorm):
             nn.init.ones_(m.weight)
             nn.init.zeros_(m.bias)
-    for layer_id, block in enumerate(blocks, start=1):
-        block.attn.proj.weight.data.div_(math.sqrt(2.0 * layer_id))
-        block.mlp.fc2.weight.data.div_(math.sqrt(2.0 * layer_id))
 
 
 def gather_tokens(x, idx):
@@ -147,7 +144,7 @@ class VisionTransformer(nn.Module):
         self.register_buffer("pos_embed", sincos_pos_embed_2d(embed_dim, self.grid, self.grid).unsqueeze(0))
         self.blocks = nn.ModuleList([Block(embed_dim, num_heads, mlp_ratio) for _ in range(depth)])
         self.norm = nn.LayerNorm(embed_dim, eps=1e-6)
-        init_weights(self, self.blocks)
+        init_weights(self)
 
     def forward(self, images, keep=None, return_layers=1):
         """return_layers=k > 1 returns a list of the last k block outputs, each passed through
@@ -225,7 +222,7 @@ class Predictor(nn.Module):
         self.predictor_blocks = nn.ModuleList([Block(predictor_dim, num_heads, mlp_ratio) for _ in range(depth)])
         self.predictor_norm = nn.LayerNorm(predictor_dim, eps=1e-6)
         self.predictor_proj = nn.Linear(predictor_dim, embed_dim)
-        init_weights(self, self.predictor_blocks)
+        init_weights(self)
         if self.mask_token is not None:
             nn.init.trunc_normal_(self.mask_token, std=0.02)
 

@@ -27,11 +27,14 @@ def sample_sigma(shape, p_mean=P_MEAN, p_std=P_STD, generator=None, device=None)
 
 
 def sample_noise(batch_size, n_targets, n_tokens, dim, level="multi", dist="lognormal",
-                 generator=None, device=None):
+                 generator=None, device=None, sigma_max=None):
     """Noise for the mask tokens' position embeddings: returns (noise [B, L, Nt, P], sigma [B, L]).
 
     level: "multi" (per block), "single" (per image, shared by its blocks), "none" (zeros).
     dist:  "lognormal" (EDM training sigmas) or "fixed" (sigma = sigma_data = 0.5, Alg. 1 line 12).
+    sigma_max: clip sigma to at most this (None: no bound, the paper). An ablation (SPEC section 2,
+        `--sigma-max`): the sin-cos position embedding has RMS 1/sqrt(2) = 0.71, and about 6 % of
+        log-normal draws exceed sigma = 2, where the noise drowns the position entirely.
     All draws use `generator`, which must live on `device` (train.py seeds one per step).
     """
     B, L = batch_size, n_targets
@@ -46,6 +49,8 @@ def sample_noise(batch_size, n_targets, n_tokens, dim, level="multi", dist="logn
         sigma = torch.full((B, draws), SIGMA_DATA, device=device)
     else:
         raise ValueError(f"unknown noise distribution {dist!r}; choose lognormal or fixed")
+    if sigma_max is not None:
+        sigma = sigma.clamp(max=sigma_max)
     eps = torch.randn(B, draws, n_tokens, dim, generator=generator, device=device)  # eps ~ N(0, I)
     noise = sigma[:, :, None, None] * eps  # n = sigma * eps ~ N(0, sigma^2 I)  (Eq. 3)
     noise, sigma = noise.expand(B, L, n_tokens, dim), sigma.expand(B, L)  # single: shared by blocks

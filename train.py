@@ -51,6 +51,7 @@ COMMON_DEFAULTS = dict(
     ipe_scale=1.25,  # Sec. 4.1: schedules stretched 25% past the run
     lambda1=0.1, lambda2=0.1,  # Table 2
     noise="multi", noise_dist="lognormal",  # Table 3 / 5a, SPEC section 2
+    cn_stopgrad=False, sigma_max=None,  # SPEC section 2: ablations, off by default (Alg. 1 line 18)
     pred_depth=6, pred_dim=None,  # Sec. 4.2: depth 6, width 384 (ViT-B)
     n_targets=4, share_predictor=False, share_mask_token=False,  # Sec. 4.3, Tables 5b, 6a
     subset_per_class=None, max_steps=None,
@@ -60,7 +61,7 @@ COMMON_DEFAULTS = dict(
 # Measured: N-JEPA, vit_tiny, CIFAR-10 subset, lr 1e-3: 0.43 -> 0.04 (README, "Quality").
 COLLAPSE_STD = 0.1
 # Options that may differ between a checkpoint and the run that resumes it.
-RESUME_MAY_CHANGE = {"out", "device", "compile", "workers", "log_every", "max_steps", "epochs"}
+RESUME_MAY_CHANGE = {"out", "device", "compile", "workers", "log_every", "max_steps"}
 
 
 def parse_args(argv=None):
@@ -88,6 +89,8 @@ def parse_args(argv=None):
     a("--lambda2", type=float, help="weight of L_CN (Eq. 10)")
     a("--noise", choices=["multi", "single", "none"])
     a("--noise-dist", choices=["lognormal", "fixed"])
+    a("--cn-stopgrad", action="store_const", const=True, help="detach the clean prediction in L_CN (ablation)")
+    a("--sigma-max", type=float, help="clip the noise level sigma (ablation; default: no bound)")
     a("--pred-depth", type=int)
     a("--pred-dim", type=int)
     a("--n-targets", type=int)
@@ -100,6 +103,7 @@ def parse_args(argv=None):
     a("--workers", type=int, help="DataLoader workers (-1: auto)")
     a("--log-every", type=int)
     a("--max-steps", type=int, help="stop (with a checkpoint) after this step; schedules still span --epochs")
+    a("--reschedule", action="store_const", const=True, help="with --resume: allow another --epochs (bends every schedule)")
     a("--bench", action="store_true", help="benchmark: timed steps on synthetic images, one result line")
     a("--bench-steps", type=int, default=10)
     a("--bench-data", action="store_true", help="benchmark the data pipeline (decode + crop) alone: images/s")
@@ -110,9 +114,14 @@ def resolve_config(args, ckpt_config=None):
     """Options given on the command line win; a resumed run takes the others from its checkpoint;
     the rest come from the defaults (paper setting with --data DIR, reduced setting otherwise)."""
     given = {k: v for k, v in vars(args).items() if v is not None and k not in ("resume", "bench", "bench_steps", "bench_data")}
+    reschedule = given.pop("reschedule", False)
     if ckpt_config is not None:
+        if "epochs" in given and given["epochs"] != ckpt_config.get("epochs") and not reschedule:
+            raise ConfigError(f"--epochs {given['epochs']} differs from the checkpoint's {ckpt_config.get('epochs')}: the lr, wd and "
+                              f"momentum schedules would bend mid-run; add --reschedule to do it anyway")
+        ckpt_config = dict(COMMON_DEFAULTS, **ckpt_config)  # options added since the checkpoint was written
         clash = {k: (ckpt_config.get(k), v) for k, v in given.items()
-                 if k not in RESUME_MAY_CHANGE and ckpt_config.get(k) != v}
+                 if k not in RESUME_MAY_CHANGE | {"epochs"} and ckpt_config.get(k) != v}
         if clash:
             what = ", ".join(f"--{k.replace('_', '-')} {new} (checkpoint: {old})" for k, (old, new) in clash.items())
             raise ConfigError(f"checkpoint was trained with another config: {what}")
@@ -125,7 +134,7 @@ def resolve_config(args, ckpt_config=None):
         cfg.update(given)
     cfg = SimpleNamespace(**cfg)
     if cfg.warmup is None:
-        cfg.warmup = 0.4 * cfg.epochs  # SPEC: warmup 40 of 100 epochs
+        cfg.warmup = min(40.0, 0.4 * cfg.epochs)  # Sec. 4.4: 40 epochs; SPEC: at most 40 % of a shorter run
     check_config(cfg)
     return cfg
 
@@ -272,7 +281,7 @@ def forward_losses(cfg, images, context, targets, student, teacher, pred_c, pred
     if use_n:  # Alg. 1 lines 12-15: noise on the mask tokens' position embeddings of predictor N
         pred_width = cfg.pred_dim or default_predictor_dim(z.size(-1))
         noise, sigma = edm_noise.sample_noise(B, L, Nt, pred_width, cfg.noise, cfg.noise_dist,
-                                              generator=noise_gen, device=images.device)
+                                              generator=noise_gen, device=images.device, sigma_max=cfg.sigma_max)
     if use_n and cfg.share_predictor:  # one predictor, one call on [clean ; noisy] (Table 6a "shared")
         both = pred_c(torch.cat([z, z]), torch.cat([context, context]), torch.cat([targets, targets]),
                       noise=torch.cat([torch.zeros_like(noise), noise]))
@@ -283,7 +292,7 @@ def forward_losses(cfg, images, context, targets, student, teacher, pred_c, pred
         if use_n:  # predictor N; with --share-mask-token it borrows predictor C's mask token
             raw_c = getattr(pred_c, "module", pred_c)
             p_n = pred_n(z, context, targets, noise=noise, mask_token=raw_c.mask_token if cfg.share_mask_token else None)
-    total, parts = losses.njepa_loss(p_c, p_n, target, cfg.lambda1, cfg.lambda2)  # Eq. 10
+    total, parts = losses.njepa_loss(p_c, p_n, target, cfg.lambda1, cfg.lambda2, cfg.cn_stopgrad)  # Eq. 10
     return total, parts, {"sigma": sigma, "target": target, "z": z}
 
 
@@ -571,6 +580,7 @@ def train(cfg, ckpt=None):
                        **{k: v.item() for k, v in parts.items()}, "lr": lr, "wd": wd, "momentum": m,
                        "sigma_mean": sigma.float().mean().item() if sigma is not None else None,
                        "sigma_max": sigma.float().max().item() if sigma is not None else None,
+                       "sigma_clipped": (sigma >= cfg.sigma_max).float().mean().item() if sigma is not None and cfg.sigma_max else None,
                        # collapse signal: std over tokens of each teacher feature, averaged over features
                        "teacher_std": target.flatten(0, -2).std(0).mean().item(),
                        "n_ctx": context.size(1), "n_tgt": targets.size(2),
