@@ -258,9 +258,10 @@ def normalize(batch):
 
 
 class Augmented(torch.utils.data.Dataset):
-    """Wraps a base dataset. Indexed by (i, seed): seed drives the random crop (train=True);
-    train=False applies the deterministic evaluation crop. Returns (uint8 image, label, bad_names):
-    a sample that cannot be read is replaced by the next readable one and its name reported."""
+    """Wraps a base dataset. Indexed by (i, seed, *extra): seed drives the random crop (train=True);
+    train=False applies the deterministic evaluation crop. Returns (uint8 image, label, bad_names,
+    *extra): a sample that cannot be read is replaced by the next readable one and its name reported;
+    `extra` is passed through (train.py passes the step, for the masks drawn in the collate)."""
 
     def __init__(self, base, img_size, train=True, max_skip=50):
         self.base, self.img_size, self.train, self.max_skip = base, img_size, train, max_skip
@@ -269,7 +270,7 @@ class Augmented(torch.utils.data.Dataset):
         return len(self.base)
 
     def __getitem__(self, key):
-        i, seed = key if isinstance(key, tuple) else (key, 0)
+        i, seed, *extra = key if isinstance(key, tuple) else (key, 0)
         bad = []
         for k in range(self.max_skip):
             j = (i + k) % len(self.base)
@@ -282,7 +283,7 @@ class Augmented(torch.utils.data.Dataset):
                 img = random_resized_crop(img, self.img_size, random.Random(seed))
             else:
                 img = center_crop_pil(img, self.img_size)
-            return to_uint8_tensor(img), self.base.labels[j], tuple(bad)
+            return (to_uint8_tensor(img), self.base.labels[j], tuple(bad), *extra)
         raise DataError(f"{self.max_skip} images in a row could not be read, starting at {self.base.name(i)}: "
                         f"is {self.base.root} an image dataset?")
 

@@ -21,7 +21,8 @@ PRESETS = {
     "vit_small": dict(embed_dim=384, depth=12, num_heads=6),
     "vit_base": dict(embed_dim=768, depth=12, num_heads=12),
     "vit_large": dict(embed_dim=1024, depth=24, num_heads=16),
-    "vit_huge": dict(embed_dim=1280, depth=32, num_heads=16),
+    "vit_huge": dict(embed_dim=1280, depth=32, num_heads=16),  # released by I-JEPA with patch 14 (224 px) and 16 (448 px)
+    "vit_giant": dict(embed_dim=1408, depth=40, num_heads=16, mlp_ratio=48 / 11),  # I-JEPA's ViT-g/16
 }
 
 
@@ -210,13 +211,14 @@ class Predictor(nn.Module):
     """
 
     def __init__(self, num_patches_side, embed_dim, predictor_dim=384, depth=6, num_heads=12,
-                 mlp_ratio=4.0, own_mask_token=True):
+                 mlp_ratio=4.0, shared_mask_token=None):
         super().__init__()
         self.predictor_dim = predictor_dim
         self.predictor_embed = nn.Linear(embed_dim, predictor_dim)
-        # own_mask_token=False: the mask token is passed in (shared with the other predictor,
-        # ablation Table 5b `--share-mask-token`).
-        self.mask_token = nn.Parameter(torch.zeros(1, 1, predictor_dim)) if own_mask_token else None
+        # shared_mask_token: another predictor's token, used as is (ablation Table 5b, --share-mask-token).
+        # It is kept in a list, so it is not registered here: the optimizer and DDP see it once, via its owner.
+        self.mask_token = nn.Parameter(torch.zeros(1, 1, predictor_dim)) if shared_mask_token is None else None
+        self.shared_mask_token = [shared_mask_token] if shared_mask_token is not None else []
         side = num_patches_side
         self.register_buffer("predictor_pos_embed", sincos_pos_embed_2d(predictor_dim, side, side).unsqueeze(0))
         self.predictor_blocks = nn.ModuleList([Block(predictor_dim, num_heads, mlp_ratio) for _ in range(depth)])
@@ -226,7 +228,7 @@ class Predictor(nn.Module):
         if self.mask_token is not None:
             nn.init.trunc_normal_(self.mask_token, std=0.02)
 
-    def forward(self, context, context_idx, target_idx, noise=None, mask_token=None):
+    def forward(self, context, context_idx, target_idx, noise=None):
         B, L, Nt = target_idx.shape
         Nc = context.size(1)
         pos = self.predictor_pos_embed.expand(B, -1, -1)  # [B, N, P]
@@ -237,7 +239,7 @@ class Predictor(nn.Module):
         psi = gather_tokens(pos, target_idx.reshape(B, L * Nt)).view(B, L, Nt, self.predictor_dim)
         if noise is not None:
             psi = psi + noise  # Alg. 1 line 14
-        token = self.mask_token if mask_token is None else mask_token
+        token = self.mask_token if self.mask_token is not None else self.shared_mask_token[0]
         tgt = psi + token.to(psi.dtype)  # [B, L, Nt, P]
         x = torch.cat([ctx, tgt], dim=2).reshape(B * L, Nc + Nt, self.predictor_dim)
         for block in self.predictor_blocks:
