@@ -7,6 +7,9 @@ data.py -- datasets and transforms, written with pillow only.
 * `Shapes`: the built-in dataset (`--data shapes`), made locally and deterministically, no download:
   10 classes of procedurally drawn shapes and textures, 64x64 px, random colours, sizes, positions
   and pixel noise. It is SYNTHETIC: good for checking that the code learns, not a benchmark.
+* `--data imagenette` (also `imagenette-320`, `imagewoof`): the fast.ai archive, downloaded once into
+  $NJEPA_DATA (default ~/.cache/njepa), resumable, extracted safely and checked; later runs use the
+  cache without touching the network. Only the standard library (urllib, tarfile, hashlib) is used.
 * Transforms as I-JEPA pretraining: RandomResizedCrop(scale=(0.3, 1.0)), no flip, ImageNet
   normalisation (applied on the device, so batches travel as uint8). Evaluation: resize the short
   side to img*256/224 and center-crop (the usual linear-probe protocol).
@@ -14,14 +17,23 @@ data.py -- datasets and transforms, written with pillow only.
 Randomness: every sample gets its own augmentation seed from the sampler (train.py derives it from
 (seed, epoch, position)), so a batch is the same whatever the number of workers and after a resume.
 """
+import errno
+import hashlib
+import http.client
 import math
 import os
 import random
+import shutil
+import tarfile
+import tempfile
+import urllib.error
+import urllib.request
 import warnings
 
 import numpy as np
 import torch
 from PIL import Image, ImageDraw, ImageOps
+from tqdm import tqdm
 
 IMAGENET_MEAN = (0.485, 0.456, 0.406)
 IMAGENET_STD = (0.229, 0.224, 0.225)
@@ -195,10 +207,13 @@ class Shapes:
 
 
 def build_dataset(data, split, img_size=None, subset_per_class=None):
-    """`data` is a built-in name ("shapes") or a folder. For a folder, split "train" uses ROOT/train
-    when it exists (else ROOT itself); "test"/"val" use ROOT/val or ROOT/test."""
+    """`data` is a built-in name ("shapes"), a downloadable one ("imagenette", ...) or a folder. For a
+    folder, split "train" uses ROOT/train when it exists (else ROOT itself); "test"/"val" use ROOT/val
+    or ROOT/test."""
     if data in BUILTIN:
         return Shapes(split, per_class=subset_per_class)
+    if data in DOWNLOADS:
+        data = fetch(data)
     if not os.path.isdir(data):
         raise DataError(f"dataset folder {data!r} does not exist (or use the built-in dataset: --data shapes)")
     if split == "train":
@@ -211,6 +226,135 @@ def build_dataset(data, split, img_size=None, subset_per_class=None):
             raise DataError(f"dataset folder {data!r} has no val/ or test/ sub-folder for evaluation")
         root = found[0]
     return ImageFolder(root, subset_per_class=subset_per_class)
+
+
+# ---------------------------------------------------------------------------------------------
+# Downloadable datasets: the fast.ai archives (github.com/fastai/imagenette), cached after one download
+# ---------------------------------------------------------------------------------------------
+MIRROR = "https://s3.amazonaws.com/fast-ai-imageclas/"  # $NJEPA_MIRROR overrides it (a local copy, the tests)
+# name: (archive, its top folder, train images, val images); counts as published for the v2 split
+DOWNLOADS = {
+    "imagenette": ("imagenette2-160.tgz", "imagenette2-160", 9469, 3925),
+    "imagenette-320": ("imagenette2-320.tgz", "imagenette2-320", 9469, 3925),
+    "imagewoof": ("imagewoof2-160.tgz", "imagewoof2-160", 9025, 3929),
+}
+READY = ".njepa-complete"  # written inside the folder before it is renamed into place
+
+
+def cache_root():
+    return os.environ.get("NJEPA_DATA") or os.path.join(os.path.expanduser("~"), ".cache", "njepa")
+
+
+def fetch(name):
+    """The folder of a downloadable dataset: from the cache if it is complete, else downloaded into a
+    .part file (resumed with an HTTP Range request), extracted into a temporary folder, checked, and
+    renamed into place. Every failure is one DataError line; nothing half-made looks ready."""
+    archive, top, n_train, n_val = DOWNLOADS[name]
+    root = cache_root()
+    final = os.path.join(root, top)
+    if os.path.exists(os.path.join(final, READY)):
+        return final  # cache hit: no network
+    url = os.environ.get("NJEPA_MIRROR", MIRROR).rstrip("/") + "/" + archive
+    manual = (f"or download it by hand (curl -LO {url} && tar xzf {archive}) and pass the folder: --data ./{top}")
+    try:
+        os.makedirs(root, exist_ok=True)
+        tgz = os.path.join(root, archive)
+        if not os.path.exists(tgz):
+            download(url, tgz, manual)
+        extract_checked(tgz, root, top, n_train, n_val, manual)
+        os.remove(tgz)  # the folder holds everything now
+    except OSError as e:
+        if e.errno == errno.ENOSPC:
+            raise DataError(f"disk full while preparing {name} in {root}: free space or set NJEPA_DATA to another disk; "
+                            f"the partial download is kept and resumes next time") from None
+        raise DataError(f"cannot prepare {name} in {root}: {e}") from None
+    return final
+
+
+def download(url, path, manual):
+    """url -> path through path + '.part', renamed only when complete; a .part left by an interrupted
+    run is continued with an HTTP Range request when the server allows it (else started afresh)."""
+    part = path + ".part"
+    have = os.path.getsize(part) if os.path.exists(part) else 0
+    request = urllib.request.Request(url, headers={"Range": f"bytes={have}-"} if have else {})
+    try:
+        with urllib.request.urlopen(request, timeout=30) as r:
+            if have and r.status != 206:  # the server ignored the Range: start again
+                have = 0
+            total = have + int(r.headers.get("Content-Length", 0)) if r.headers.get("Content-Length") else None
+            with open(part, "ab" if have else "wb") as f, tqdm(total=total, initial=have, unit="B", unit_scale=True,
+                                                                desc=f"download {os.path.basename(path)}") as bar:
+                for chunk in iter(lambda: r.read(1 << 20), b""):
+                    f.write(chunk)
+                    bar.update(len(chunk))
+    except urllib.error.HTTPError as e:
+        if e.code == 416 and have:  # the .part is already whole
+            os.replace(part, path)
+            return
+        raise DataError(f"could not download {url}: HTTP {e.code} {e.reason}; {manual}") from None
+    except (urllib.error.URLError, http.client.HTTPException, ConnectionError, TimeoutError, OSError) as e:
+        if isinstance(e, OSError) and e.errno == errno.ENOSPC:
+            raise
+        where = f"; {os.path.getsize(part):,} bytes kept in {part}, run again to resume" if os.path.exists(part) else ""
+        reason = getattr(e, "reason", e)
+        raise DataError(f"could not download {url} ({type(e).__name__}: {reason}){where}; {manual}") from None
+    got = os.path.getsize(part)
+    if total is not None and got != total:
+        raise DataError(f"download of {url} stopped at {got:,} of {total:,} bytes (kept in {part}, run again to resume); {manual}")
+    os.replace(part, path)
+
+
+def safe_members(tar, top):
+    """The archive's members, refused unless each is a file or folder under `top`/ (no absolute
+    paths, no '..', no links or devices): the layout check and the path-traversal guard in one."""
+    members = tar.getmembers()
+    for m in members:
+        parts = m.name.replace("\\", "/").split("/")
+        if m.name.startswith("/") or ".." in parts or parts[0] != top or not (m.isfile() or m.isdir()):
+            raise DataError(f"unsafe or unexpected member {m.name!r} in the archive (expected files under {top}/)")
+    return members
+
+
+def extract_checked(tgz, root, top, n_train, n_val, manual):
+    """Extract into a temporary folder next to the cache, check 10 classes and the image counts, mark
+    it complete and rename it into place. A corrupt or truncated archive is deleted."""
+    tmp = tempfile.mkdtemp(prefix=".extract-", dir=root)
+    try:
+        try:
+            with tarfile.open(tgz, "r:gz") as tar:
+                members = safe_members(tar, top)
+                extra = {"filter": "data"} if hasattr(tarfile, "data_filter") else {}  # Python >= 3.11.4, 3.12
+                tar.extractall(tmp, members=members, **extra)
+        except DataError:  # an unsafe member: the archive is not the one we expect
+            os.remove(tgz)
+            raise
+        except (tarfile.TarError, EOFError, OSError, ValueError) as e:
+            if isinstance(e, OSError) and e.errno == errno.ENOSPC:
+                raise
+            os.remove(tgz)
+            raise DataError(f"{tgz} is corrupt or truncated ({type(e).__name__}: {e}); deleted, run again to "
+                            f"download it afresh, {manual}") from None
+        folder = os.path.join(tmp, top)
+        for split, expected in (("train", n_train), ("val", n_val)):
+            d = os.path.join(folder, split)
+            classes = sorted(os.listdir(d)) if os.path.isdir(d) else []
+            n = sum(len(fs) for c in classes for _, _, fs in os.walk(os.path.join(d, c)))
+            if len(classes) != 10 or n != expected:
+                os.remove(tgz)
+                raise DataError(f"{tgz} has an unexpected layout: {top}/{split} holds {len(classes)} classes and {n} "
+                                f"images, expected 10 and {expected}; deleted, {manual}")
+        h = hashlib.sha256()
+        with open(tgz, "rb") as f:
+            for chunk in iter(lambda: f.read(1 << 22), b""):
+                h.update(chunk)
+        with open(os.path.join(folder, READY), "w") as f:
+            f.write(h.hexdigest() + "\n")  # the archive's sha256, for the record
+        final = os.path.join(root, top)
+        if os.path.exists(final):  # an incomplete folder from an older version: replace it
+            shutil.rmtree(final)
+        os.replace(folder, final)
+    finally:
+        shutil.rmtree(tmp, ignore_errors=True)
 
 
 # ---------------------------------------------------------------------------------------------

@@ -14,6 +14,8 @@ Noise levels (Sec. 4.5 "Multi-level noise schedule", Table 3, Table 5a):
   single: one sigma and one noise vector per image, shared by its L blocks
   none  : no noise (predictor N then sees the same input as predictor C)
 """
+import math
+
 import torch
 
 P_MEAN, P_STD, SIGMA_DATA = -1.2, 1.2, 0.5  # EDM defaults, paper Sec. 4.2
@@ -55,3 +57,72 @@ def sample_noise(batch_size, n_targets, n_tokens, dim, level="multi", dist="logn
     noise = sigma[:, :, None, None] * eps  # n = sigma * eps ~ N(0, sigma^2 I)  (Eq. 3)
     noise, sigma = noise.expand(B, L, n_tokens, dim), sigma.expand(B, L)  # single: shared by blocks
     return noise, sigma
+
+
+# ---------------------------------------------------------------------------------------------
+# Picture: python noise.py --show docs/noise.png -- what Eq. 3 does to a position embedding
+# ---------------------------------------------------------------------------------------------
+def position_similarity(sigma, dim=384, grid=14, row=7, col=4, seed=0):
+    """Cosine similarity [grid, grid] between the noisy position embedding psi + sigma * eps of the
+    patch at (row, col) and the clean embedding of every position (sin-cos, as the predictor's)."""
+    from model import sincos_pos_embed_2d
+    pos = sincos_pos_embed_2d(dim, grid, grid)  # [N, P]
+    eps = torch.randn(dim, generator=torch.Generator().manual_seed(seed))
+    noisy = pos[row * grid + col] + sigma * eps  # Eq. 3: x_sigma = x_0 + n
+    return torch.nn.functional.cosine_similarity(noisy[None], pos, dim=1).view(grid, grid)
+
+
+def draw_noise(path, sigmas=(0.0, 0.1, 0.3, 1.0, 3.0), dim=384, grid=14, row=7, col=4):
+    """One heat map per sigma (each from its lowest similarity, white, to its highest, dark; the true
+    position boxed, the most similar one ringed) and the histogram of the log-normal sigmas, with the
+    fixed sigma_data and the median."""
+    from PIL import Image, ImageDraw
+    cell, pad, top = 12, 14, 34
+    side = grid * cell
+    W = len(sigmas) * (side + pad) + pad + 330
+    img = Image.new("RGB", (W, side + top + 44), "white")
+    d = ImageDraw.Draw(img)
+    colour = lambda t: (int(255 - 75 * t), int(255 - 235 * t), int(255 - 215 * t))  # t in [0, 1]: white -> dark red
+    d.text((pad, 6), f"cos(psi + sigma * eps, psi_k) for the patch at row {row}, col {col} ({grid}x{grid} grid, width {dim}); "
+           "each map from its lowest (white) to its highest (dark) value", fill="black")
+    for k, sigma in enumerate(sigmas):
+        sim = position_similarity(sigma, dim, grid, row, col)
+        lo, hi = float(sim.min()), float(sim.max())
+        x0 = pad + k * (side + pad)
+        for r in range(grid):
+            for c in range(grid):
+                d.rectangle([x0 + c * cell, top + r * cell, x0 + (c + 1) * cell - 1, top + (r + 1) * cell - 1],
+                            fill=colour((float(sim[r, c]) - lo) / (hi - lo)))
+        d.rectangle([x0 + col * cell, top + row * cell, x0 + (col + 1) * cell - 1, top + (row + 1) * cell - 1], outline="black", width=2)
+        br, bc = divmod(int(sim.argmax()), grid)
+        d.ellipse([x0 + bc * cell + 2, top + br * cell + 2, x0 + (bc + 1) * cell - 3, top + (br + 1) * cell - 3], outline=(0, 150, 0), width=2)
+        d.text((x0, top + side + 4), f"sigma = {sigma:g}", fill="black")
+        d.text((x0, top + side + 18), f"own {float(sim[row, col]):.2f}, range {lo:.2f}..{hi:.2f}", fill=(60, 60, 60))
+    # histogram of EDM log-normal sigmas, log10 axis from 1e-3 to 1e2
+    s = sample_sigma((200_000,), generator=torch.Generator().manual_seed(0)).log10()
+    bins = torch.histc(s, bins=50, min=-3, max=2)
+    hx0, hy0, hw, hh = W - 320, top, 300, side
+    d.rectangle([hx0, hy0, hx0 + hw, hy0 + hh], outline=(160, 160, 160))
+    for i, b in enumerate(bins.tolist()):
+        h = b / bins.max().item() * (hh - 4)
+        d.rectangle([hx0 + i * hw / 50, hy0 + hh - h, hx0 + (i + 1) * hw / 50 - 1, hy0 + hh], fill=(120, 140, 200))
+    to_x = lambda v: hx0 + (math.log10(v) + 3) / 5 * hw
+    for v, label, c in ((math.exp(P_MEAN), "median 0.30", (0, 120, 0)), (SIGMA_DATA, "fixed 0.5", (200, 0, 0)), (2.0, "2", (0, 0, 0))):
+        d.line([to_x(v), hy0, to_x(v), hy0 + hh], fill=c, width=2)
+    d.text((hx0, 6 + 14), "sigma ~ exp(-1.2 + 1.2 xi) (EDM); axis 1e-3 .. 1e2, log", fill="black")
+    for v in (1e-3, 1e-2, 1e-1, 1, 10, 100):
+        d.text((to_x(v) - 8, hy0 + hh + 4), f"{v:g}", fill=(60, 60, 60))
+    frac = (s > math.log10(2)).float().mean().item()
+    d.text((hx0, hy0 + hh + 18), f"green: median 0.30 | red: fixed sigma_data 0.5 | sigma > 2: {100 * frac:.1f} %", fill=(60, 60, 60))
+    img.save(path)
+    return img
+
+
+if __name__ == "__main__":
+    import argparse
+    p = argparse.ArgumentParser(description="Draw what EDM noise does to a position embedding (Eq. 3).")
+    p.add_argument("--show", required=True, help="output PNG path")
+    a = p.parse_args()
+    draw_noise(a.show)
+    print(f"wrote {a.show}: " + ", ".join(f"sigma {s:g}: cos to own position {float(position_similarity(s)[7, 4]):.2f}"
+                                           for s in (0.0, 0.1, 0.3, 1.0, 3.0)))

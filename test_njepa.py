@@ -33,8 +33,8 @@ FAST = ["--model", "vit_tiny", "--img", "32", "--patch", "8", "--pred-depth", "2
         "--subset-per-class", "8", "--log-every", "1", "--device", "cpu"]
 
 
-def run_cli(*args, timeout=600):
-    env = dict(os.environ, PYTHONUNBUFFERED="1", OMP_NUM_THREADS="1")
+def run_cli(*args, timeout=600, env=None):
+    env = dict(os.environ, PYTHONUNBUFFERED="1", OMP_NUM_THREADS="1", **(env or {}))
     return subprocess.run([sys.executable, *args], cwd=HERE, capture_output=True, text=True, timeout=timeout, env=env)
 
 
@@ -616,6 +616,129 @@ def test_training_skips_and_reports_corrupt_images(tmp_path, capsys):
     assert train.read_log(os.path.join(out, "log.jsonl"))[-1]["step"] == 2
 
 
+# ---------------------------------------------------------------------------------------------
+# --data imagenette: download, cache, resume, bad archives (a local server; no test touches the internet)
+# ---------------------------------------------------------------------------------------------
+def make_archive(path, top="imagenette2-160", n_train=2, n_val=1, extra=None, layout=("train", "val")):
+    """A small .tgz with the fast.ai layout TOP/{train,val}/<10 classes>/*.JPEG (+ extra members)."""
+    import io
+    import tarfile
+    with tarfile.open(path, "w:gz") as tar:
+        def add(name, payload):
+            info = tarfile.TarInfo(name)
+            info.size = len(payload)
+            tar.addfile(info, io.BytesIO(payload))
+        for split, n in zip(layout, (n_train, n_val)):
+            for c in range(10):
+                for i in range(n):
+                    buf = io.BytesIO()
+                    Image.fromarray(np.full((20, 24, 3), 10 * c + i, dtype=np.uint8)).save(buf, "JPEG")
+                    add(f"{top}/{split}/n0{c}/{i}.JPEG", buf.getvalue())
+        for name, payload in (extra or {}).items():
+            add(name, payload)
+    return path
+
+
+@pytest.fixture
+def server(tmp_path):
+    """A local HTTP server in a thread: serves the bytes in `srv.body` at any path, honours Range,
+    logs requests (with their Range header), and can cut the next response after `srv.cut` bytes."""
+    import http.server
+    import threading
+    srv = type("S", (), {"body": b"", "cut": None, "requests": []})()
+
+    class Handler(http.server.BaseHTTPRequestHandler):
+        def log_message(self, *a):
+            pass
+
+        def do_GET(self):
+            rng = self.headers.get("Range")
+            srv.requests.append(rng)
+            start = int(rng.split("=")[1].split("-")[0]) if rng else 0
+            body = srv.body[start:]
+            self.send_response(206 if rng else 200)
+            self.send_header("Content-Length", str(len(body)))
+            self.end_headers()
+            if srv.cut is not None:
+                body, srv.cut = body[:srv.cut], None
+            self.wfile.write(body)
+
+    httpd = http.server.ThreadingHTTPServer(("127.0.0.1", 0), Handler)
+    threading.Thread(target=httpd.serve_forever, daemon=True).start()
+    srv.url = f"http://127.0.0.1:{httpd.server_address[1]}/"
+    yield srv
+    httpd.shutdown()
+
+
+@pytest.fixture
+def small_imagenette(monkeypatch, tmp_path, server):
+    monkeypatch.setenv("NJEPA_DATA", str(tmp_path / "cache"))
+    monkeypatch.setenv("NJEPA_MIRROR", server.url)
+    monkeypatch.setitem(data.DOWNLOADS, "imagenette", ("imagenette2-160.tgz", "imagenette2-160", 20, 10))
+    server.body = open(make_archive(tmp_path / "a.tgz"), "rb").read()
+    return server
+
+
+def test_imagenette_downloads_once_then_uses_the_cache(small_imagenette, tmp_path):
+    ds = data.build_dataset("imagenette", "train")
+    assert len(ds) == 20 and len(ds.classes) == 10 and small_imagenette.requests == [None]
+    assert len(data.build_dataset("imagenette", "val")) == 10
+    cache = tmp_path / "cache"
+    assert sorted(os.listdir(cache)) == ["imagenette2-160"]  # no archive, .part or temp folder left
+    assert (cache / "imagenette2-160" / data.READY).exists()
+    data.build_dataset("imagenette", "train")
+    assert small_imagenette.requests == [None]  # cache hit: no request
+
+
+def test_interrupted_download_resumes_with_a_range_request(small_imagenette, tmp_path):
+    small_imagenette.cut = len(small_imagenette.body) // 2
+    with pytest.raises(data.DataError, match="run again to resume"):
+        data.build_dataset("imagenette", "train")
+    part = tmp_path / "cache" / "imagenette2-160.tgz.part"
+    assert part.stat().st_size == len(small_imagenette.body) // 2
+    assert not (tmp_path / "cache" / "imagenette2-160").exists()
+    assert len(data.build_dataset("imagenette", "train")) == 20
+    assert small_imagenette.requests == [None, f"bytes={len(small_imagenette.body) // 2}-"]
+
+
+def test_corrupt_archive_is_deleted_and_nothing_looks_ready(small_imagenette, tmp_path):
+    small_imagenette.body = small_imagenette.body[: len(small_imagenette.body) // 3]  # a truncated gzip, served whole
+    with pytest.raises(data.DataError, match="corrupt or truncated") as e:
+        data.build_dataset("imagenette", "train")
+    assert "\n" not in str(e.value)
+    assert os.listdir(tmp_path / "cache") == []  # archive deleted, no folder, no temp folder
+
+
+def test_archive_with_path_traversal_or_wrong_layout_is_refused(small_imagenette, tmp_path):
+    small_imagenette.body = open(make_archive(tmp_path / "evil.tgz", extra={"imagenette2-160/../../evil.txt": b"x"}), "rb").read()
+    with pytest.raises(data.DataError, match="unsafe or unexpected member"):
+        data.build_dataset("imagenette", "train")
+    assert not (tmp_path / "evil.txt").exists() and os.listdir(tmp_path / "cache") == []
+    small_imagenette.body = open(make_archive(tmp_path / "flat.tgz", layout=("training", "validation")), "rb").read()
+    with pytest.raises(data.DataError, match="unexpected layout"):
+        data.build_dataset("imagenette", "train")
+    assert os.listdir(tmp_path / "cache") == []
+
+
+def test_no_network_and_full_disk_are_one_line_errors(monkeypatch, tmp_path, small_imagenette):
+    monkeypatch.setenv("NJEPA_MIRROR", "http://127.0.0.1:9/")  # nothing listens on the discard port
+    with pytest.raises(data.DataError, match="could not download .* by hand") as e:
+        data.build_dataset("imagenette", "train")
+    assert "\n" not in str(e.value) and "--data ./imagenette2-160" in str(e.value)
+    monkeypatch.setenv("NJEPA_MIRROR", small_imagenette.url)
+    import errno
+
+    def full(*a, **k):
+        raise OSError(errno.ENOSPC, "No space left on device")
+
+    monkeypatch.setattr(data.os, "replace", full)
+    with pytest.raises(data.DataError, match="disk full"):
+        data.build_dataset("imagenette", "train")
+    r = run_cli("train.py", "--data", "imagenette", "--out", str(tmp_path / "o"),
+                env={"NJEPA_DATA": str(tmp_path / "c2"), "NJEPA_MIRROR": "http://127.0.0.1:9/"})
+    assert r.returncode == 2 and r.stderr.strip().count("\n") == 0 and "could not download" in r.stderr
+
+
 def test_missing_and_empty_dataset_folders_fail_with_one_line(tmp_path):
     r = run_cli("train.py", "--data", str(tmp_path / "nope"), "--out", str(tmp_path / "o"))
     assert r.returncode == 2 and r.stderr.strip().count("\n") == 0 and "does not exist" in r.stderr
@@ -924,7 +1047,9 @@ def test_lbfgs_converges_to_the_optimum():
     Breaks with too few iterations (max_iter=5) or a penalty that disagrees with the docstring."""
     x, y = blobs(40, dim=16, spread=0.7)
     x = ((x - x.mean(0)) / x.std(0)).double()
-    for l2 in (1e-1, 1e-4):
+    wide, wy = blobs(4, dim=60, spread=0.7)  # fewer samples (20) than features (60): the SVD path
+    wide = ((wide - wide.mean(0)) / wide.std(0)).double()
+    for x, y, l2 in ((x, y, 1e-1), (x, y, 1e-4), (wide, wy, 1e-1)):
         w = probe.fit_logreg(x, y, 5, l2).requires_grad_(True)
         xb = torch.cat([x, torch.ones(len(x), 1, dtype=x.dtype)], 1)
         loss = torch.nn.functional.cross_entropy(xb @ w.T, y) + 0.5 * l2 * w[:, :-1].pow(2).sum()
@@ -1001,6 +1126,77 @@ def test_random_init_twin_is_the_students_initialisation():
     student = train.build_models(cfg).student.state_dict()
     twin = probe.random_encoder("vit_tiny", 32, 8, 3).state_dict()
     assert all(torch.equal(student[k], twin[k]) for k in student)
+
+
+def official_checkpoint(path, seed=0):
+    """A checkpoint in I-JEPA's layout (src/train.py save_checkpoint): encoder / predictor /
+    target_encoder state dicts of DDP-wrapped modules (keys start with 'module.'), plus epoch, opt,
+    loss, batch_size, world_size, lr. Made from a small model; target encoder != encoder."""
+    torch.manual_seed(seed)
+    enc, tgt = model.vit_tiny(img_size=32, patch_size=8), model.vit_tiny(img_size=32, patch_size=8)
+    pred = model.Predictor(4, 192, 96, depth=2, num_heads=3)
+    wrap = lambda m: {f"module.{k}": v for k, v in m.state_dict().items()}
+    opt = torch.optim.AdamW(enc.parameters()).state_dict()
+    torch.save({"encoder": wrap(enc), "predictor": wrap(pred), "target_encoder": wrap(tgt), "opt": opt,
+                "scaler": None, "epoch": 300, "loss": 0.1, "batch_size": 128, "world_size": 16, "lr": 1e-3}, path)
+    return enc, tgt, pred
+
+
+def test_probe_reads_an_official_ijepa_checkpoint(tmp_path, capsys):
+    """Detected, loaded with weights_only, the architecture read off the weights; the features equal
+    those of the njepa model with the same weights; target_encoder by default, as I-JEPA evaluated."""
+    path = str(tmp_path / "IN1K-vit.t.8-1e.pth.tar")
+    enc, tgt, _ = official_checkpoint(path)
+    args = probe.parse_args(["--ckpt", path, "--data", "shapes"])
+    args.ckpt = path
+    loaded, info = probe.load_encoder(args)
+    assert (info["model"], info["img"], info["patch"], info["name"]) == ("vit_tiny", 32, 8, "target_encoder")
+    x = torch.randn(2, 3, 32, 32)
+    assert torch.allclose(loaded.eval()(x), tgt.eval()(x), atol=1e-6)
+    args.encoder = "encoder"
+    assert torch.allclose(probe.load_encoder(args)[0].eval()(x), enc.eval()(x), atol=1e-6)
+    assert "vit_tiny, patch 8, 32 px" in capsys.readouterr().out
+    res = probe.run(probe.parse_args(["--ckpt", path, "--data", "shapes", "--subset-per-class", "10", "--no-baseline"]))
+    assert 0 <= res["top1"] <= 1 and res["encoder"] == "target_encoder"
+    assert probe.main(["--ckpt", path, "--data", "shapes", "--img", "64"]) == 2
+    assert "trained at 32 px" in capsys.readouterr().err
+    bad = tmp_path / "other.pth.tar"
+    torch.save({"encoder": {"module.patch_embed.proj.weight": torch.zeros(100, 3, 8, 8), "module.pos_embed": torch.zeros(1, 16, 100),
+                            "module.blocks.0.mlp.fc1.weight": torch.zeros(400, 100)}, "predictor": {}, "target_encoder": {}}, bad)
+    assert probe.main(["--ckpt", str(bad), "--data", "shapes", "--encoder", "encoder"]) == 2
+    assert "fits no preset" in capsys.readouterr().err
+    (tmp_path / "junk.pt").write_bytes(b"not a checkpoint")
+    assert probe.main(["--ckpt", str(tmp_path / "junk.pt"), "--data", "shapes"]) == 2
+    assert "cannot read checkpoint" in capsys.readouterr().err
+
+
+def test_init_from_an_ijepa_checkpoint_starts_from_its_weights(tmp_path, monkeypatch):
+    """--init-from: the architecture comes from the weights, the first step's teacher features are the
+    checkpoint's target encoder's, predictor C is its predictor and predictor N a copy of it; the
+    optimizer starts fresh and the run records where it started."""
+    path = str(tmp_path / "ijepa.pth.tar")
+    enc, tgt, pred = official_checkpoint(path)
+    seen = {}
+    real = train.forward_losses
+
+    def spy(cfg, images, context, targets, noise, student, teacher, pred_c, pred_n):
+        if not seen:
+            seen.update(images=images, teacher=teacher(images).detach(), student=student(images).detach(),
+                        c=pred_c.state_dict(), n={k: v.clone() for k, v in pred_n.state_dict().items()})
+        return real(cfg, images, context, targets, noise, student, teacher, pred_c, pred_n)
+
+    monkeypatch.setattr(train, "forward_losses", spy)
+    out = str(tmp_path / "run")
+    args = ["--init-from", path, "--batch", "16", "--subset-per-class", "8", "--epochs", "1", "--max-steps", "2", "--out", out]
+    assert train.main(args) == 0
+    with torch.no_grad():
+        assert torch.allclose(seen["teacher"], tgt.eval()(seen["images"]), atol=1e-5)
+        assert torch.allclose(seen["student"], enc.eval()(seen["images"]), atol=1e-5)
+    assert all(torch.equal(seen["n"][k], v) for k, v in pred.state_dict().items() if k in seen["n"])
+    ckpt = torch.load(os.path.join(out, "ckpt.pt"), weights_only=True)
+    assert ckpt["config"]["init_from"] == path and ckpt["config"]["pred_depth"] == 2 and ckpt["config"]["patch"] == 8
+    assert ckpt["step"] == 2 and len(ckpt["optimizer"]["state"]) > 0
+    assert train.main(args[:2] + ["--img", "64", "--out", str(tmp_path / "r2")]) == 2  # its pos_embed fixes 32 px
 
 
 def fake_result(seed, top1, base, **cfg):

@@ -572,18 +572,49 @@ def is_ijepa_checkpoint(ckpt):
     return isinstance(ckpt, dict) and all(isinstance(ckpt.get(k), dict) for k in ("encoder", "predictor", "target_encoder"))
 
 
+def infer_architecture(state, path):
+    """(preset, img, patch) of an encoder from its weights: width and patch size from
+    patch_embed.proj.weight [D, 3, p, p], depth from the block count, MLP width from fc1, image size
+    from pos_embed [1, (img / p)^2, D]. A one-line error when no preset fits."""
+    try:
+        w, n_pos = state["patch_embed.proj.weight"], state["pos_embed"].shape[1]
+        D, p = w.shape[0], w.shape[-1]
+        depth = 1 + max(int(k.split(".")[1]) for k in state if k.startswith("blocks."))
+        hidden = state["blocks.0.mlp.fc1.weight"].shape[0]
+    except (KeyError, ValueError, AttributeError, IndexError) as e:
+        raise ConfigError(f"{path}: not a ViT encoder state dict ({type(e).__name__}: {e})") from None
+    side = int(round(math.sqrt(n_pos)))
+    for name, pr in PRESETS.items():
+        if pr["embed_dim"] == D and pr["depth"] == depth and int(D * pr.get("mlp_ratio", 4.0)) == hidden and side * side == n_pos:
+            return name, side * p, p
+    raise ConfigError(f"{path}: an encoder of width {D}, depth {depth}, MLP {hidden}, {n_pos} positions fits no preset "
+                      f"({', '.join(PRESETS)})")
+
+
+def checkpoint_states(path):
+    """(encoder, target encoder, predictor) state dicts of an I-JEPA or njepa checkpoint."""
+    ckpt = read_checkpoint(path)
+    if is_ijepa_checkpoint(ckpt):
+        return [ijepa_state(ckpt, k) for k in ("encoder", "target_encoder", "predictor")]
+    if isinstance(ckpt, dict) and ckpt.get("format") == "njepa-1":
+        return [ckpt["student"], ckpt["teacher"], ckpt["pred_c"]]
+    raise ConfigError(f"{path} is neither an I-JEPA checkpoint (encoder / predictor / target_encoder) nor an njepa one")
+
+
+def architecture_of(path):
+    """--init-from without --model/--img/--patch/--pred-depth/--pred-dim: read them off the weights."""
+    student, _, pred = checkpoint_states(path)
+    model, img, patch = infer_architecture(student, path)
+    pred_depth = 1 + max((int(k.split(".")[1]) for k in pred if k.startswith("predictor_blocks.")), default=-1)
+    return dict(model=model, img=img, patch=patch, pred_depth=pred_depth, pred_dim=pred["predictor_embed.weight"].shape[0])
+
+
 def init_weights_from(m, cfg, path):
     """--init-from: student <- the checkpoint's context encoder, teacher <- its target encoder (EMA),
     predictor C <- its predictor. Predictor N starts as a copy of predictor C: Sec. 3.2 describes the
     two predictors as the same network fed clean or noisy positions, and L_CN (Eq. 9) pulls them
     together, so starting equal (L_CN = 0 at sigma = 0) keeps the warm start from a random jolt."""
-    ckpt = read_checkpoint(path)
-    if is_ijepa_checkpoint(ckpt):
-        states = [ijepa_state(ckpt, k) for k in ("encoder", "target_encoder", "predictor")]
-    elif isinstance(ckpt, dict) and ckpt.get("format") == "njepa-1":
-        states = [ckpt["student"], ckpt["teacher"], ckpt["pred_c"]]
-    else:
-        raise ConfigError(f"{path} is neither an I-JEPA checkpoint (encoder / predictor / target_encoder) nor an njepa one")
+    states = checkpoint_states(path)
     for net, state, name in zip((m.student, m.teacher, m.pred_c), states, ("encoder", "target encoder", "predictor")):
         mine = net.state_dict()
         bad = [k for k in mine if k not in state or state[k].shape != mine[k].shape]
@@ -702,6 +733,10 @@ def main(argv=None):
             ckpt = load_checkpoint(os.path.join(getattr(args, "out", "out"), "ckpt.pt") if args.resume == "auto" else args.resume)
             cfg = resolve_config(args, ckpt["config"])
         else:
+            if getattr(args, "init_from", None):  # the architecture comes from the weights unless given
+                for k, v in architecture_of(args.init_from).items():
+                    if not hasattr(args, k):
+                        setattr(args, k, v)
             cfg = resolve_config(args)
             if os.path.exists(os.path.join(cfg.out, "ckpt.pt")):
                 raise ConfigError(f"{os.path.join(cfg.out, 'ckpt.pt')} already exists: pass --resume to continue it, "
