@@ -35,6 +35,8 @@ import torch
 from PIL import Image, ImageDraw, ImageOps
 from tqdm import tqdm
 
+import masks
+
 IMAGENET_MEAN = (0.485, 0.456, 0.406)
 IMAGENET_STD = (0.229, 0.224, 0.225)
 IMAGE_EXTENSIONS = {".jpg", ".jpeg", ".png", ".bmp", ".gif", ".webp", ".tif", ".tiff", ".ppm", ".pgm"}
@@ -435,3 +437,60 @@ class Augmented(torch.utils.data.Dataset):
 def collate(samples):
     images, labels, bad = zip(*samples)
     return torch.stack(images), torch.tensor(labels), [b for group in bad for b in group]
+
+
+# ---------------------------------------------------------------------------------------------
+# Training batches: order, crops and masks are pure functions of (seed, step), sharded over processes,
+# so a resumed run and a run on N processes see exactly the images, crops and masks of a plain run.
+# ---------------------------------------------------------------------------------------------
+def step_seed(seed, step, rank=0, stream=0):
+    """A fresh seed for each (run seed, step, rank, stream)."""
+    return (((seed * 1_000_003 + step) * 1_009 + rank) * 17 + stream) % (2**63 - 1)
+
+
+def epoch_batches(n_images, epoch, seed, batch, rank=0, world=1, start_batch=0):
+    """Lists of (index, crop seed, step) for this rank's share of each global batch of one epoch."""
+    g = torch.Generator().manual_seed(step_seed(seed, epoch, stream=1))
+    order = torch.randperm(n_images, generator=g).tolist()
+    per_rank, ipe = batch // world, n_images // batch  # the last partial batch is dropped
+    return [[(order[k], step_seed(seed, epoch * n_images + k, stream=2), epoch * ipe + b)
+             for k in range(b * batch + rank * per_rank, b * batch + (rank + 1) * per_rank)] for b in range(start_batch, ipe)]
+
+
+class MaskCollator:
+    """DataLoader collate (in the workers, as I-JEPA's MaskCollator): stacks this rank's images and
+    draws this step's masks for the whole global batch from (seed, step), keeping this rank's rows.
+    Returns (images uint8, labels, unreadable image names, context [b, Nc], targets [b, L, Nt], step)."""
+
+    def __init__(self, grid, seed, rank=0, world=1, n_targets=4):
+        self.grid, self.seed, self.rank, self.world, self.n_targets = grid, seed, rank, world, n_targets
+
+    def __call__(self, samples):
+        images, labels, bad = collate([s[:3] for s in samples])
+        step = samples[0][3]
+        return (images, labels, bad, *self.masks(step, len(samples)), step)
+
+    def masks(self, step, b):
+        """(context [b, Nc], targets [b, L, Nt]) of this rank's b images at `step`."""
+        g = torch.Generator().manual_seed(step_seed(self.seed, step, stream=3))
+        context, targets = masks.sample_masks(b * self.world, self.grid, self.grid, generator=g, n_targets=self.n_targets)
+        rows = slice(self.rank * b, (self.rank + 1) * b)
+        return context[rows], targets[rows]
+
+
+def ignore_signals_in_worker(_worker_id):
+    """Ctrl-C reaches the whole process group: DataLoader workers ignore it (and SIGTERM) so that only
+    the main process reacts, saves a checkpoint and then shuts the workers down."""
+    import signal
+    signal.signal(signal.SIGINT, signal.SIG_IGN)
+    signal.signal(signal.SIGTERM, signal.SIG_IGN)
+
+
+def training_loader(dataset, img, grid, seed, batch, epoch, start_batch=0, rank=0, world=1, workers=-1, pin=False):
+    """This rank's batches of one epoch, from `start_batch` on. workers -1: none for the in-memory
+    built-in data (cropping costs less than a worker process), else one per core left, up to 8."""
+    if workers < 0:
+        workers = 0 if isinstance(dataset, Shapes) else min(8, max(1, (os.cpu_count() or 2) // world - 1))
+    return torch.utils.data.DataLoader(Augmented(dataset, img, train=True), num_workers=workers, pin_memory=pin,
+                                       batch_sampler=epoch_batches(len(dataset), epoch, seed, batch, rank, world, start_batch),
+                                       collate_fn=MaskCollator(grid, seed, rank, world), worker_init_fn=ignore_signals_in_worker)

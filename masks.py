@@ -98,6 +98,12 @@ def sample_masks(batch_size, grid_h, grid_w, generator=None, n_targets=4, target
 TARGET_COLOURS = [(230, 60, 60), (240, 200, 40), (60, 120, 230), (60, 190, 90), (180, 90, 210), (240, 140, 40)]
 
 
+def block_box(block, grid, p):
+    """Pixel box [x0, y0, x1, y1] of a target block given as patch indices on a grid of p-pixel cells."""
+    rows, cols = [i // grid for i in block], [i % grid for i in block]
+    return [min(cols) * p, min(rows) * p, (max(cols) + 1) * p - 1, (max(rows) + 1) * p - 1]
+
+
 def draw_masks(images, context, targets, grid, cell=None):
     """images: list of PIL RGB images (square). Returns one PIL image: per example, the image with
     context patches shown as they are, dropped patches darkened, target blocks outlined and tinted."""
@@ -114,21 +120,13 @@ def draw_masks(images, context, targets, grid, cell=None):
             r, c = divmod(i, grid)
             dk.rectangle([c * p, r * p, (c + 1) * p - 1, (r + 1) * p - 1], fill=255)
         tile = Image.composite(base, dark, keep)
+        boxes = [block_box(block, grid, p) for block in tgt]
         overlay = tile.copy()
-        d = ImageDraw.Draw(overlay)
-        for j, block in enumerate(tgt):
-            colour = TARGET_COLOURS[j % len(TARGET_COLOURS)]
-            rows = [i // grid for i in block]
-            cols = [i % grid for i in block]
-            d.rectangle([min(cols) * p, min(rows) * p, (max(cols) + 1) * p - 1, (max(rows) + 1) * p - 1], fill=colour)
+        for j, box in enumerate(boxes):  # tinted fill, then a solid outline on top
+            ImageDraw.Draw(overlay).rectangle(box, fill=TARGET_COLOURS[j % len(TARGET_COLOURS)])
         tile = Image.blend(tile, overlay, 0.35)
-        d = ImageDraw.Draw(tile)
-        for j, block in enumerate(tgt):
-            colour = TARGET_COLOURS[j % len(TARGET_COLOURS)]
-            rows = [i // grid for i in block]
-            cols = [i % grid for i in block]
-            d.rectangle([min(cols) * p, min(rows) * p, (max(cols) + 1) * p - 1, (max(rows) + 1) * p - 1],
-                        outline=colour, width=2)
+        for j, box in enumerate(boxes):
+            ImageDraw.Draw(tile).rectangle(box, outline=TARGET_COLOURS[j % len(TARGET_COLOURS)], width=2)
         tiles.append(tile)
     n = len(tiles)
     ncol = min(4, n)

@@ -7,9 +7,13 @@ facebookresearch/ijepa), which the paper builds on, and keeps its parameter name
 (`patch_embed.proj`, `pos_embed`, `blocks.{i}.attn.qkv`, ..., `predictor_embed`, `mask_token`,
 `predictor_blocks`, `predictor_norm`, `predictor_proj`) so that I-JEPA checkpoints load.
 
+Also: the FLOPs of a training step (for MFU) and loading official I-JEPA checkpoints.
+
 Shapes: B images, N patches per image, D encoder width, P predictor width,
 L target blocks per image, Nc context patches, Nt patches per target block.
 """
+import math
+
 import numpy as np
 import torch
 import torch.nn as nn
@@ -246,3 +250,60 @@ class Predictor(nn.Module):
             x = block(x)
         x = self.predictor_norm(x[:, Nc:])  # only the mask-token outputs are predictions
         return self.predictor_proj(x).view(B, L, Nt, -1)  # [B, L, Nt, D]
+
+
+# ---------------------------------------------------------------------------------------------
+# FLOPs of a training step, for MFU (as nanoGPT's estimate_mfu; checked against torch's FlopCounterMode
+# in the tests). A multiply-add is 2 FLOPs; elementwise ops are not counted.
+# ---------------------------------------------------------------------------------------------
+def transformer_flops(n_seq, n_tok, dim, depth, mlp_ratio=4.0):
+    """Forward FLOPs of `depth` blocks on n_seq sequences of n_tok tokens: per token 2*(3D^2 + D^2 +
+    2*r*D^2) for qkv, proj and the MLP; per sequence 2*2*T^2*D for q k^T and attn @ v."""
+    per_token = 2 * dim * dim * (4 + 2 * mlp_ratio)
+    return depth * n_seq * (n_tok * per_token + 4 * n_tok * n_tok * dim)
+
+
+def train_step_flops(name, img, patch, pred_dim, pred_depth, two_predictors, batch, n_ctx, n_tgt, n_targets=4):
+    """One N-JEPA step: forward x1 for the no-grad teacher, x3 (forward + backward) for the student and
+    the predictors (nanoGPT/PaLM convention)."""
+    p = PRESETS[name]
+    D, depth, N, r = p["embed_dim"], p["depth"], (img // patch) ** 2, p.get("mlp_ratio", 4.0)
+    patch_embed = 2 * 3 * patch ** 2 * D * batch * N  # conv patch embedding on all N patches
+    teacher = patch_embed + transformer_flops(batch, N, D, depth, r)
+    student = patch_embed + transformer_flops(batch, n_ctx, D, depth, r)
+    predictor = (2 * D * pred_dim * batch * n_ctx  # predictor_embed (once per image, before the L copies)
+                 + transformer_flops(batch * n_targets, n_ctx + n_tgt, pred_dim, pred_depth)
+                 + 2 * pred_dim * D * batch * n_targets * n_tgt)  # predictor_proj on the mask tokens
+    return teacher + 3 * student + 3 * (2 if two_predictors else 1) * predictor
+
+
+# ---------------------------------------------------------------------------------------------
+# Official I-JEPA checkpoints (facebookresearch/ijepa `save_checkpoint`): the same parameter names,
+# inside DDP wrappers, so they load into these modules once the 'module.' prefix is gone.
+# ---------------------------------------------------------------------------------------------
+def is_ijepa_checkpoint(ckpt):
+    return isinstance(ckpt, dict) and all(isinstance(ckpt.get(k), dict) for k in ("encoder", "predictor", "target_encoder"))
+
+
+def ijepa_state(ckpt, key):
+    """One module ('encoder', 'predictor', 'target_encoder') with the 'module.' prefix removed."""
+    return {k.removeprefix("module."): v for k, v in ckpt[key].items()}
+
+
+def infer_architecture(state):
+    """(preset, img, patch) of an encoder from its weights: width and patch size from
+    patch_embed.proj.weight [D, 3, p, p], depth from the block count, MLP width from fc1, image size
+    from pos_embed [1, (img / p)^2, D]. ValueError when no preset fits."""
+    try:
+        w, n_pos = state["patch_embed.proj.weight"], state["pos_embed"].shape[1]
+        D, p = w.shape[0], w.shape[-1]
+        depth = 1 + max(int(k.split(".")[1]) for k in state if k.startswith("blocks."))
+        hidden = state["blocks.0.mlp.fc1.weight"].shape[0]
+    except (KeyError, ValueError, AttributeError, IndexError) as e:
+        raise ValueError(f"not a ViT encoder state dict ({type(e).__name__}: {e})") from None
+    side = int(round(math.sqrt(n_pos)))
+    for name, pr in PRESETS.items():
+        if pr["embed_dim"] == D and pr["depth"] == depth and int(D * pr.get("mlp_ratio", 4.0)) == hidden and side * side == n_pos:
+            return name, side * p, p
+    raise ValueError(f"an encoder of width {D}, depth {depth}, MLP {hidden}, {n_pos} positions fits no preset "
+                     f"({', '.join(PRESETS)})")

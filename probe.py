@@ -41,6 +41,7 @@ import torch.nn.functional as F
 from tqdm import tqdm
 
 import data
+import model as model_lib
 import train
 from model import vit
 
@@ -285,11 +286,14 @@ def load_encoder(args):
     if args.ckpt:
         raw = train.read_checkpoint(args.ckpt)
         out = args.out or os.path.dirname(os.path.abspath(args.ckpt))
-        if train.is_ijepa_checkpoint(raw):
+        if model_lib.is_ijepa_checkpoint(raw):
             # I-JEPA evaluated its target encoder (I-JEPA paper, App. A.1); "student" = "encoder"
             name = {None: "target_encoder", "student": "encoder", "teacher": "target_encoder"}.get(args.encoder, args.encoder)
-            state = train.ijepa_state(raw, name)
-            model, img, patch = train.infer_architecture(state, args.ckpt)
+            state = model_lib.ijepa_state(raw, name)
+            try:
+                model, img, patch = model_lib.infer_architecture(state)
+            except ValueError as e:
+                raise ProbeError(f"{args.ckpt}: {e}") from None
             if args.img and args.img != img:
                 raise ProbeError(f"{args.ckpt} was trained at {img} px (its position embeddings fix it); --img {args.img} does not fit")
             if not args.data:

@@ -401,10 +401,10 @@ def test_analytic_flops_match_flop_counter():
     with sdpa_kernel(SDPBackend.MATH):
         with FlopCounterMode(display=False) as fc:
             enc(x)
-        assert fc.get_total_flops() == pytest.approx(2 * 3 * 16 * 192 * B * 64 + train.transformer_flops(B, 64, 192, 12), rel=1e-6)
+        assert fc.get_total_flops() == pytest.approx(2 * 3 * 16 * 192 * B * 64 + model.transformer_flops(B, 64, 192, 12), rel=1e-6)
         with FlopCounterMode(display=False) as fc:
             pred(torch.randn(B, Nc, 192), ctx, tgt)
-        analytic = 2 * 192 * 96 * B * Nc + train.transformer_flops(B * L, Nc + Nt, 96, 2) + 2 * 96 * 192 * B * L * Nt
+        analytic = 2 * 192 * 96 * B * Nc + model.transformer_flops(B * L, Nc + Nt, 96, 2) + 2 * 96 * 192 * B * L * Nt
         assert fc.get_total_flops() == pytest.approx(analytic, rel=1e-6)
         # a whole training step (fwd + bwd of student and two predictors, fwd of the teacher) within 5 %
         m = train.build_models(cfg)
@@ -430,7 +430,7 @@ def step_setup(**kw):
     cfg = cfg_for(model="vit_tiny", img=32, patch=8, pred_depth=1, pred_dim=96, **kw)
     torch.manual_seed(0)
     m = train.build_models(cfg)
-    ctx, tgt = train.MaskCollator(cfg).masks(0, 4)
+    ctx, tgt = data.MaskCollator(4, 0).masks(0, 4)
     noise, _ = train.step_noise(cfg, 0, 0, 1, tgt, torch.device("cpu"))
     return cfg, m, torch.randn(4, 3, 32, 32), ctx, tgt, noise
 

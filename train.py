@@ -31,7 +31,8 @@ import data
 import losses
 import masks
 import noise as edm_noise
-from model import PRESETS, Predictor, default_predictor_dim, gather_tokens, vit
+from model import (PRESETS, Predictor, default_predictor_dim, gather_tokens, infer_architecture, is_ijepa_checkpoint,
+                   ijepa_state, train_step_flops, vit)
 
 
 class ConfigError(ValueError):
@@ -77,7 +78,6 @@ OPTIONS = [
     ("max_steps",        None,       None,       int,   "stop with a checkpoint after this step; schedules still span --epochs"),
 ]
 START_LR, FINAL_LR, FINAL_WD, FINAL_EMA = 1e-4, 1e-6, 0.4, 1.0  # Sec. 4.4, appendix, Sec. 4.2
-N_TARGETS = 4  # target blocks per image (Sec. 4.3)
 # Collapse alarm: teacher_std (see feature_std) starts near 0.4-0.5 and stays there in a healthy run;
 # a collapsed run falls towards 0. Measured: N-JEPA, vit_tiny, CIFAR-10 subset, lr 1e-3: 0.43 -> 0.04.
 COLLAPSE_STD = 0.1
@@ -200,11 +200,6 @@ def set_schedules(optimizer, step, cfg, ipe):
     return lr, wd, m
 
 
-def step_seed(seed, step, rank=0, stream=0):
-    """A fresh seed for each (run seed, step, rank, stream): all randomness is a function of the step."""
-    return (((seed * 1_000_003 + step) * 1_009 + rank) * 17 + stream) % (2**63 - 1)
-
-
 # ---------------------------------------------------------------------------------------------
 # Models, optimizer, EMA
 # ---------------------------------------------------------------------------------------------
@@ -261,28 +256,6 @@ def feature_std(h):
 # ---------------------------------------------------------------------------------------------
 # One training step (Alg. 1 lines 7-21)
 # ---------------------------------------------------------------------------------------------
-class MaskCollator:
-    """DataLoader collate (in the workers, as I-JEPA's MaskCollator): stacks this rank's images and
-    draws this step's masks for the whole global batch from (seed, step), keeping this rank's rows,
-    so that a run sees the same masks on 1 or N processes. Returns (images uint8, labels, unreadable
-    image names, context [b, Nc], targets [b, L, Nt], step)."""
-
-    def __init__(self, cfg, rank=0, world=1):
-        self.cfg, self.rank, self.world, self.grid = cfg, rank, world, cfg.img // cfg.patch
-
-    def __call__(self, samples):
-        images, labels, bad = data.collate([s[:3] for s in samples])
-        step = samples[0][3]
-        return (images, labels, bad, *self.masks(step, len(samples)), step)
-
-    def masks(self, step, b):
-        """(context [b, Nc], targets [b, L, Nt]) of this rank's b images at `step`."""
-        g = torch.Generator().manual_seed(step_seed(self.cfg.seed, step, stream=3))
-        context, targets = masks.sample_masks(b * self.world, self.grid, self.grid, generator=g, n_targets=N_TARGETS)
-        rows = slice(self.rank * b, (self.rank + 1) * b)
-        return context[rows], targets[rows]
-
-
 def step_noise(cfg, step, rank, world, targets, device):
     """Alg. 1 lines 12-15: the noise for predictor N's mask-token position embeddings, drawn for the
     global batch on `device` from (seed, step) and sliced to this rank. Returns (noise [b, L, Nt, P],
@@ -290,7 +263,7 @@ def step_noise(cfg, step, rank, world, targets, device):
     if not cfg.use_n:
         return None, None
     b, L, Nt = targets.shape
-    g = torch.Generator(device=device).manual_seed(step_seed(cfg.seed, step, stream=4))
+    g = torch.Generator(device=device).manual_seed(data.step_seed(cfg.seed, step, stream=4))
     noise, sigma = edm_noise.sample_noise(b * world, L, Nt, cfg.pred_dim, cfg.noise, cfg.noise_dist,
                                           generator=g, device=device, sigma_max=cfg.sigma_max)
     rows = slice(rank * b, (rank + 1) * b)
@@ -354,7 +327,8 @@ def train(cfg, ckpt=None):
     exit_code = 0
     while step < end_step and exit_code == 0:
         epoch, start_batch = divmod(step, ipe)
-        for images, _, bad, context, targets, _ in epoch_loader(dataset, cfg, epoch, start_batch, rank, world, device):
+        for images, _, bad, context, targets, _ in data.training_loader(dataset, cfg.img, cfg.img // cfg.patch, cfg.seed, cfg.batch,
+                                                                        epoch, start_batch, rank, world, cfg.workers, device.type == "cuda"):
             # -- schedules, masks (drawn in the loader) and noise: pure functions of (seed, step)
             lr, wd, mom = set_schedules(m.optimizer, step, cfg, ipe)
             images = data.normalize(images.to(device, non_blocking=True))
@@ -387,27 +361,35 @@ def train(cfg, ckpt=None):
     return exit_code
 
 
-def epoch_loader(dataset, cfg, epoch, start_batch, rank, world, device):
-    """This rank's batches of one epoch from `start_batch` on (data order: a pure function of (seed, epoch))."""
-    return torch.utils.data.DataLoader(data.Augmented(dataset, cfg.img, train=True),
-                                       batch_sampler=epoch_batches(len(dataset), epoch, cfg, rank, world, start_batch),
-                                       num_workers=default_workers(cfg, world), collate_fn=MaskCollator(cfg, rank, world),
-                                       pin_memory=device.type == "cuda", worker_init_fn=ignore_signals_in_worker)
+def main(argv=None):
+    args = parse_args(argv)
+    try:
+        if args.bench_data or args.bench:
+            cfg = resolve_config(args)
+            bench_data(cfg) if args.bench_data else bench(cfg, steps=args.bench_steps)
+            return 0
+        ckpt = None
+        if args.resume:
+            ckpt = load_checkpoint(os.path.join(getattr(args, "out", "out"), "ckpt.pt") if args.resume == "auto" else args.resume)
+            cfg = resolve_config(args, ckpt["config"])
+        else:
+            if getattr(args, "init_from", None):  # the architecture comes from the weights unless given
+                for k, v in architecture_of(args.init_from).items():
+                    if not hasattr(args, k):
+                        setattr(args, k, v)
+            cfg = resolve_config(args)
+            if os.path.exists(os.path.join(cfg.out, "ckpt.pt")):
+                raise ConfigError(f"{os.path.join(cfg.out, 'ckpt.pt')} already exists: pass --resume to continue it, "
+                                  f"or choose another --out")
+        return train(cfg, ckpt)
+    except (ConfigError, data.DataError) as e:
+        print(f"error: {e}", file=sys.stderr)
+        return 2
 
 
-def epoch_batches(n_images, epoch, cfg, rank, world, start_batch=0):
-    """Lists of (index, augmentation seed, step) for this rank's share of each global batch of one epoch."""
-    g = torch.Generator().manual_seed(step_seed(cfg.seed, epoch, stream=1))
-    order = torch.randperm(n_images, generator=g).tolist()
-    per_rank, ipe = cfg.batch // world, n_images // cfg.batch  # the last partial batch is dropped
-    batches = []
-    for b in range(start_batch, ipe):
-        first = b * cfg.batch + rank * per_rank
-        batches.append([(order[k], step_seed(cfg.seed, epoch * n_images + k, stream=2), epoch * ipe + b)
-                        for k in range(first, first + per_rank)])
-    return batches
-
-
+# =============================================================================================
+# Support, not the method: stopping and saving, the log, checkpoints, devices and DDP
+# =============================================================================================
 def restore(m, ckpt):
     """Load a checkpoint's models and optimizer (--resume); returns its step."""
     for name in ("student", "teacher", "pred_c", "pred_n"):
@@ -562,35 +544,6 @@ def load_checkpoint(path):
     return ckpt
 
 
-def ijepa_state(ckpt, key):
-    """One module of an official I-JEPA checkpoint ('encoder', 'predictor', 'target_encoder'), with the
-    'module.' prefix of its DDP wrapper removed."""
-    return {k.removeprefix("module."): v for k, v in ckpt[key].items()}
-
-
-def is_ijepa_checkpoint(ckpt):
-    return isinstance(ckpt, dict) and all(isinstance(ckpt.get(k), dict) for k in ("encoder", "predictor", "target_encoder"))
-
-
-def infer_architecture(state, path):
-    """(preset, img, patch) of an encoder from its weights: width and patch size from
-    patch_embed.proj.weight [D, 3, p, p], depth from the block count, MLP width from fc1, image size
-    from pos_embed [1, (img / p)^2, D]. A one-line error when no preset fits."""
-    try:
-        w, n_pos = state["patch_embed.proj.weight"], state["pos_embed"].shape[1]
-        D, p = w.shape[0], w.shape[-1]
-        depth = 1 + max(int(k.split(".")[1]) for k in state if k.startswith("blocks."))
-        hidden = state["blocks.0.mlp.fc1.weight"].shape[0]
-    except (KeyError, ValueError, AttributeError, IndexError) as e:
-        raise ConfigError(f"{path}: not a ViT encoder state dict ({type(e).__name__}: {e})") from None
-    side = int(round(math.sqrt(n_pos)))
-    for name, pr in PRESETS.items():
-        if pr["embed_dim"] == D and pr["depth"] == depth and int(D * pr.get("mlp_ratio", 4.0)) == hidden and side * side == n_pos:
-            return name, side * p, p
-    raise ConfigError(f"{path}: an encoder of width {D}, depth {depth}, MLP {hidden}, {n_pos} positions fits no preset "
-                      f"({', '.join(PRESETS)})")
-
-
 def checkpoint_states(path):
     """(encoder, target encoder, predictor) state dicts of an I-JEPA or njepa checkpoint."""
     ckpt = read_checkpoint(path)
@@ -604,7 +557,10 @@ def checkpoint_states(path):
 def architecture_of(path):
     """--init-from without --model/--img/--patch/--pred-depth/--pred-dim: read them off the weights."""
     student, _, pred = checkpoint_states(path)
-    model, img, patch = infer_architecture(student, path)
+    try:
+        model, img, patch = infer_architecture(student)
+    except ValueError as e:
+        raise ConfigError(f"{path}: {e}") from None
     pred_depth = 1 + max((int(k.split(".")[1]) for k in pred if k.startswith("predictor_blocks.")), default=-1)
     return dict(model=model, img=img, patch=patch, pred_depth=pred_depth, pred_dim=pred["predictor_embed.weight"].shape[0])
 
@@ -706,70 +662,12 @@ def catch_stop_signals():
     return received
 
 
-def ignore_signals_in_worker(_worker_id):
-    """Ctrl-C reaches the whole process group: DataLoader workers ignore it (and SIGTERM) so that only
-    the main process reacts, saves a checkpoint and then shuts the workers down."""
-    signal.signal(signal.SIGINT, signal.SIG_IGN)
-    signal.signal(signal.SIGTERM, signal.SIG_IGN)
-
-
-def default_workers(cfg, world):
-    if cfg.workers >= 0:
-        return cfg.workers
-    if cfg.data in data.BUILTIN:
-        return 0  # in-memory 64 px images: cropping costs less than a worker process
-    return min(8, max(1, (os.cpu_count() or 2) // world - 1))
-
-
-def main(argv=None):
-    args = parse_args(argv)
-    try:
-        if args.bench_data or args.bench:
-            cfg = resolve_config(args)
-            bench_data(cfg) if args.bench_data else bench(cfg, steps=args.bench_steps)
-            return 0
-        ckpt = None
-        if args.resume:
-            ckpt = load_checkpoint(os.path.join(getattr(args, "out", "out"), "ckpt.pt") if args.resume == "auto" else args.resume)
-            cfg = resolve_config(args, ckpt["config"])
-        else:
-            if getattr(args, "init_from", None):  # the architecture comes from the weights unless given
-                for k, v in architecture_of(args.init_from).items():
-                    if not hasattr(args, k):
-                        setattr(args, k, v)
-            cfg = resolve_config(args)
-            if os.path.exists(os.path.join(cfg.out, "ckpt.pt")):
-                raise ConfigError(f"{os.path.join(cfg.out, 'ckpt.pt')} already exists: pass --resume to continue it, "
-                                  f"or choose another --out")
-        return train(cfg, ckpt)
-    except (ConfigError, data.DataError) as e:
-        print(f"error: {e}", file=sys.stderr)
-        return 2
-
-
 # =============================================================================================
 # Benchmarking and plots (not needed to train)
 # =============================================================================================
-def transformer_flops(n_seq, n_tok, dim, depth, mlp_ratio=4.0):
-    """Forward FLOPs of `depth` blocks on n_seq sequences of n_tok tokens: per token 2*(3D^2 + D^2 +
-    2*r*D^2) for qkv, proj and the MLP; per sequence 2*2*T^2*D for q k^T and attn @ v."""
-    per_token = 2 * dim * dim * (4 + 2 * mlp_ratio)
-    return depth * n_seq * (n_tok * per_token + 4 * n_tok * n_tok * dim)
-
-
 def step_flops(cfg, batch, n_ctx, n_tgt):
-    """Model FLOPs of one training step (a multiply-add is 2 FLOPs): forward x1 for the no-grad teacher,
-    x3 (forward + backward) for the student and the predictors (nanoGPT/PaLM convention)."""
-    p = PRESETS[cfg.model]
-    D, depth, N, P, L = p["embed_dim"], p["depth"], (cfg.img // cfg.patch) ** 2, cfg.pred_dim, N_TARGETS
-    r = p.get("mlp_ratio", 4.0)
-    patch = 2 * 3 * cfg.patch ** 2 * D * batch * N  # conv patch embedding on all N patches
-    teacher = patch + transformer_flops(batch, N, D, depth, r)
-    student = patch + transformer_flops(batch, n_ctx, D, depth, r)
-    predictor = (2 * D * P * batch * n_ctx  # predictor_embed (once per image, before the L copies)
-                 + transformer_flops(batch * L, n_ctx + n_tgt, P, cfg.pred_depth)
-                 + 2 * P * D * batch * L * n_tgt)  # predictor_proj on the mask tokens
-    return teacher + 3 * student + 3 * (2 if cfg.use_n else 1) * predictor
+    """Model FLOPs of one training step with this config (model.train_step_flops)."""
+    return train_step_flops(cfg.model, cfg.img, cfg.patch, cfg.pred_dim, cfg.pred_depth, cfg.use_n, batch, n_ctx, n_tgt)
 
 
 # Dense bf16 tensor-core peaks (FLOP/s) from the vendors' data sheets, by substring of the device name.
@@ -817,7 +715,7 @@ def bench(cfg, steps=10, warmup=3):
     torch.manual_seed(cfg.seed)
     m = build_on_device(cfg, device)
     student, teacher, pred_c, pred_n = wrap_for_training(m, cfg, device, 1)
-    autocast, collate = autocast_for(device), MaskCollator(cfg)
+    autocast, collate = autocast_for(device), data.MaskCollator(cfg.img // cfg.patch, cfg.seed)
     images_u8 = torch.randint(0, 256, (cfg.batch, 3, cfg.img, cfg.img), dtype=torch.uint8)
     images_u8 = images_u8.pin_memory() if device.type == "cuda" else images_u8
     all_masks = [collate.masks(step, cfg.batch) for step in range(warmup + steps)]  # the loader's workers draw these
@@ -860,7 +758,7 @@ def bench(cfg, steps=10, warmup=3):
     mfu = f"MFU {100 * res['mfu']:.1f}% of {res['peak_gflop_s']:.0f} GFLOP/s ({peak_src})" if peak else f"MFU n/a ({peak_src})"
     print(f"bench | {cfg.model} {cfg.img}px/{cfg.patch} batch {cfg.batch} | {mode}{' compiled' if cfg.compile else ''} | "
           f"step {1000 * t_med:.0f} ms (median of {steps}) | {res['img_s']:.1f} img/s | {res['gflop_s']:.1f} GFLOP/s | "
-          f"{mfu} | peak mem {res['peak_mem_gb']:.2f} GB | ctx {res['n_ctx']:.0f} + {N_TARGETS}x{res['n_tgt']:.0f} tgt patches")
+          f"{mfu} | peak mem {res['peak_mem_gb']:.2f} GB | ctx {res['n_ctx']:.0f} + 4x{res['n_tgt']:.0f} tgt patches")
     print(f"bench | projected: {cfg.epochs} epochs x {n_images[0] // cfg.batch} steps ({n_images[0]:,} images, {n_images[1]}) "
           f"x {t_med:.3f} s = {res['projected_hours']:.2f} h; ImageNet-1K, 100 epochs x {IMAGENET_TRAIN // cfg.batch} steps: "
           f"{imagenet_h:.1f} h on this device, one process (data loading not included)")
@@ -877,7 +775,7 @@ def bench_data(cfg, batches=30):
     """Images/s of the DataLoader alone (decode, random crop, masks, collate) with cfg.workers workers,
     to compare with the training images/s: if it is lower, the accelerator waits for data."""
     dataset = data.build_dataset(cfg.data, "train", cfg.img, cfg.subset_per_class)
-    loader = epoch_loader(dataset, cfg, 0, 0, 0, 1, torch.device("cpu"))
+    loader = data.training_loader(dataset, cfg.img, cfg.img // cfg.patch, cfg.seed, cfg.batch, 0, workers=cfg.workers)
     batches = min(batches, len(loader.batch_sampler))
     it = iter(loader)
     next(it)  # start-up (worker processes) is not counted
@@ -885,7 +783,7 @@ def bench_data(cfg, batches=30):
     for _ in tqdm(range(batches - 1), desc="data", leave=False):
         n += next(it)[0].size(0)
     rate = n / (time.perf_counter() - t0)
-    print(f"bench-data | {dataset.root} | {cfg.img}px | {default_workers(cfg, 1)} workers | {rate:.0f} img/s "
+    print(f"bench-data | {dataset.root} | {cfg.img}px | {loader.num_workers} workers | {rate:.0f} img/s "
           f"(decode + crop + masks + collate)")
     return rate
 
