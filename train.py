@@ -52,7 +52,7 @@ OPTIONS = [
     ("patch",            16,         4,          int,   "patch size in pixels (Sec. 4.2: 16)"),
     ("epochs",           100,        4,          int,   "epochs (Sec. 4.2: 100 and 600)"),
     ("batch",            128,        64,         int,   "global batch, split over DDP processes (Sec. 4.2: 128)"),
-    ("lr",               1e-3,       1e-3,       float, "peak learning rate, reached after warmup from 1e-4 (Sec. 4.4)"),
+    ("lr",               1e-3,       1e-4,       float, "peak learning rate, reached after warmup from 1e-4 (Sec. 4.4; built-in: README)"),
     ("warmup",           None,       None,       float, "warmup epochs (Sec. 4.4: 40; default min(40, 0.4 * epochs))"),
     ("lr_schedule",      "cosine",   "cosine",   str,   "after warmup: cosine to 1e-6 (appendix) or constant (Sec. 4.4 text)"),
     ("wd",               0.04,       0.04,       float, "weight decay at the start, cosine to 0.4 (Sec. 4.4)"),
