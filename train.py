@@ -528,9 +528,15 @@ def save_checkpoint(state, path):
 
 
 def read_checkpoint(path):
-    """torch.load with weights_only=True (tensors and plain containers, never code from the file)."""
+    """torch.load with weights_only=True (tensors and plain containers, never code from the file),
+    memory-mapped, so that the optimizer state inside a released multi-GB checkpoint is never read."""
     try:
-        return torch.load(path, map_location="cpu", weights_only=True)
+        try:
+            return torch.load(path, map_location="cpu", weights_only=True, mmap=True)
+        except RuntimeError as e:  # a file in the legacy (not zip) format cannot be mapped
+            if "mmap" not in str(e):
+                raise
+            return torch.load(path, map_location="cpu", weights_only=True)
     except FileNotFoundError:
         raise ConfigError(f"no checkpoint at {path}") from None
     except Exception as e:
