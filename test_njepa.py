@@ -383,8 +383,8 @@ def test_ema_update_and_param_groups():
 
 def test_feature_std_is_zero_on_constant_features():
     assert train.feature_std(torch.ones(2, 5, 7) * 3.0).item() == 0.0
-    h = torch.tensor([[[0.0, 1.0], [2.0, 1.0]]])  # 2 tokens, 2 features: stds sqrt(2) and 0
-    assert train.feature_std(h).item() == pytest.approx(math.sqrt(2) / 2)
+    h = torch.tensor([[[0.0, 5.0], [2.0, 5.0], [4.0, 5.0]]])  # 3 tokens, 2 features: stds over tokens 2 and 0
+    assert train.feature_std(h).item() == pytest.approx(1.0)  # (a std over features would give 2.12)
 
 
 def test_analytic_flops_match_flop_counter():
@@ -477,7 +477,8 @@ def test_shared_predictor_equals_two_calls_with_the_same_weights(monkeypatch):
 def test_bf16_autocast_step_on_cpu_matches_fp32():
     """The mixed-precision step (what CUDA runs): forward_losses + backward + AdamW + EMA under bf16
     autocast gives finite losses, fp32 parameters and gradients, the noise added to fp32 position
-    embeddings, and losses within 5 % of the fp32 step (bf16 keeps 8 bits of mantissa)."""
+    embeddings (the mask-token rows entering predictor N move by exactly the noise: breaks if psi +
+    noise is rounded to bf16), and losses within 5 % of the fp32 step (bf16 keeps 8 bits of mantissa)."""
     results = {}
     for amp in (False, True):
         cfg, m, x, ctx, tgt, noise = step_setup()
@@ -491,6 +492,15 @@ def test_bf16_autocast_step_on_cpu_matches_fp32():
         assert loss.dtype == torch.float32 and torch.isfinite(loss) and all(torch.isfinite(v) for v in parts.values())
         assert all(p.dtype == torch.float32 and p.grad.dtype == torch.float32 for p in m.student.parameters() if p.grad is not None)
         assert seen == [torch.float32]  # noisy position embeddings + mask tokens enter the blocks in fp32
+        rows = []
+        hook = m.pred_n.predictor_blocks[0].register_forward_pre_hook(lambda mod, args: rows.append(args[0]))
+        with torch.no_grad(), torch.autocast("cpu", dtype=torch.bfloat16, enabled=amp):
+            z = m.student(x, keep=ctx)
+            m.pred_n(z, ctx, tgt)
+            m.pred_n(z, ctx, tgt, noise=noise)
+        hook.remove()
+        Nc, (B, L, Nt, P) = ctx.size(1), noise.shape
+        assert torch.allclose(rows[1][:, Nc:] - rows[0][:, Nc:], noise.reshape(B * L, Nt, P), atol=1e-6)
         opt.step()
         train.ema_update(m.teacher, m.student, 0.996)
         assert all(p.dtype == torch.float32 and torch.isfinite(p).all() for p in m.teacher.parameters())
