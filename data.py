@@ -14,8 +14,10 @@ data.py -- datasets and transforms, written with pillow only.
   normalisation (applied on the device, so batches travel as uint8). Evaluation: resize the short
   side to img*256/224 and center-crop (the usual linear-probe protocol).
 
-Randomness: every sample gets its own augmentation seed from the sampler (train.py derives it from
-(seed, epoch, position)), so a batch is the same whatever the number of workers and after a resume.
+* Training batches (`training_loader`): the data order, every crop and the masks (`MaskCollator`, in
+  the DataLoader workers as I-JEPA's) are pure functions of (seed, step), drawn for the global batch
+  and sharded over processes: a batch is the same whatever the number of workers, after a resume, and
+  on 1 or N processes.
 """
 import errno
 import hashlib

@@ -8,10 +8,12 @@ probe.py -- linear-probe evaluation of a pretrained encoder (paper Sec. 4.5, Sec
   python probe.py --table results/study/*.json               # the same table from saved results
   python probe.py --random-init --model vit_tiny --img 32 --patch 4 --data shapes   # baseline alone
   python probe.py --pixels --img 32 --data shapes            # raw pixels, for scale
+  python probe.py --ckpt IN1K-vit.h.14-300e.pth.tar --data imagenette   # an official I-JEPA checkpoint
 
 Protocol:
   * frozen encoder, the student by default (Sec. 4.5: "we employ the student encoder"), `--encoder
-    teacher` to switch; representation = mean over patch tokens of the final-normed output (Sec. 4.5
+    teacher` to switch; for an official I-JEPA checkpoint the target encoder by default, as the I-JEPA
+    paper evaluated (App. A.1), `--encoder encoder` for the context encoder; representation = mean over patch tokens of the final-normed output (Sec. 4.5
     "averaging its output"); with --last-layers k, the same for each of the last k blocks, concatenated.
   * features are extracted once, with the deterministic evaluation crop, and cached next to the
     checkpoint (key: checkpoint hash, encoder, layers, data, split, image size).
@@ -443,7 +445,7 @@ def table(results):
         arm = {k: v for k, v in r.get("config", {}).items() if k not in NOT_ARM}
         probe_key = (r.get("encoder"), r.get("last_layers"), r.get("label_fraction"), r.get("solver"))
         groups.setdefault(json.dumps([arm, probe_key], sort_keys=True), []).append(r)
-    arms = [json.loads(k)[0] for k in groups]
+    arms = [json.loads(k)[0] for k in groups if json.loads(k)[0]]
     common = {k: v for k, v in arms[0].items() if all(a.get(k) == v for a in arms)} if arms else {}
     rows = []
     for key, runs in groups.items():
@@ -457,7 +459,8 @@ def table(results):
         diffs = [100 * (by_seed[s]["top1"] - ref_by_seed[s]["top1"]) for s in sorted(by_seed) if s in ref_by_seed]
         gains = [100 * r["gain"] for r in runs if "gain" in r]
         tops = [100 * r["top1"] for r in runs]
-        rows.append({"arm": arm_name(arm, common), "probe": dict(zip(("encoder", "last_layers", "label_fraction", "solver"), probe_key)),
+        label = arm_name(arm, common) if arm else os.path.basename(str(runs[0].get("ckpt")))  # e.g. an I-JEPA file
+        rows.append({"arm": label, "probe": dict(zip(("encoder", "last_layers", "label_fraction", "solver"), probe_key)),
                      "seeds": sorted(by_seed), "top1": mean_std(tops),
                      "random_init": mean_std([100 * r["random_init"]["top1"] for r in runs if "random_init" in r]) if gains else None,
                      "gain": mean_std(gains) if gains else None,
