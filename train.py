@@ -105,6 +105,8 @@ def parse_args(argv=None):
     p.add_argument("--bench", action="store_true", help="benchmark: timed steps on synthetic images, one result line")
     p.add_argument("--bench-steps", type=int, default=10)
     p.add_argument("--bench-data", action="store_true", help="benchmark the data pipeline (decode + crop) alone: images/s")
+    p.add_argument("--plot", nargs="+", metavar="RUN_DIR", help="overlay the curves of these runs (their log.jsonl) ...")
+    p.add_argument("--plot-out", default="curves.png", help="... into this PNG")
     return p.parse_args(argv)
 
 
@@ -363,6 +365,10 @@ def train(cfg, ckpt=None):
 
 def main(argv=None):
     args = parse_args(argv)
+    if args.plot:  # python train.py --plot runs/a runs/b --plot-out docs/curves.png
+        draw_curves({os.path.basename(os.path.normpath(r)): read_log(os.path.join(r, "log.jsonl")) for r in args.plot}, args.plot_out)
+        print(f"wrote {args.plot_out}: {len(args.plot)} runs")
+        return 0
     try:
         if args.bench_data or args.bench:
             cfg = resolve_config(args)
@@ -794,31 +800,42 @@ def bench_data(cfg, batches=30):
     return rate
 
 
-def draw_curves(records, path, keys=("loss", "ct", "nt", "cn", "lr", "sigma_mean", "teacher_std", "img_s")):
-    """OUT/curves.png, drawn with pillow: one small line chart per logged quantity against the step."""
+CURVE_COLOURS = [(30, 90, 200), (220, 60, 40), (40, 160, 70), (150, 60, 190), (230, 150, 20), (20, 170, 180)]
+
+
+def draw_curves(runs, path, keys=("loss", "ct", "nt", "cn", "lr", "sigma_mean", "teacher_std", "img_s")):
+    """A PNG drawn with pillow: one small chart per logged quantity against the step. `runs` is one
+    run's log records (OUT/curves.png) or {label: records} to overlay several runs in colour."""
     from PIL import Image, ImageDraw
-    keys = [k for k in keys if any(r.get(k) is not None for r in records)]
-    if not records or not keys:
+    runs = runs if isinstance(runs, dict) else {"": runs}
+    every = [r for recs in runs.values() for r in recs]
+    keys = [k for k in keys if any(r.get(k) is not None for r in every)]
+    if not every or not keys:
         return
-    W, H, pad, ncol = 300, 180, 34, 4
-    sheet = Image.new("RGB", (W * ncol, H * math.ceil(len(keys) / ncol)), "white")
+    W, H, pad, ncol, legend = 300, 180, 34, 4, 16 * (len(runs) > 1) * len(runs)
+    sheet = Image.new("RGB", (W * ncol, H * math.ceil(len(keys) / ncol) + legend), "white")
     d = ImageDraw.Draw(sheet)
+    for j, label in enumerate(runs if len(runs) > 1 else []):
+        d.text((8, sheet.height - legend + 16 * j + 2), f"-- {label}", fill=CURVE_COLOURS[j % len(CURVE_COLOURS)])
     for k, key in enumerate(keys):
-        pts = [(r["step"], r[key]) for r in records if r.get(key) is not None and math.isfinite(r[key])]
         x0, y0 = (k % ncol) * W, (k // ncol) * H
         d.rectangle([x0 + pad, y0 + 20, x0 + W - 8, y0 + H - 20], outline=(160, 160, 160))
         d.text((x0 + pad, y0 + 5), key, fill="black")
+        series = [[(r["step"], r[key]) for r in recs if r.get(key) is not None and math.isfinite(r[key])] for recs in runs.values()]
+        pts = [p for s in series for p in s]
         if len(pts) < 2:
             continue
         xs, ys = [p[0] for p in pts], [p[1] for p in pts]
-        lo, hi = min(ys), max(ys)
+        lo, hi, first, last = min(ys), max(ys), min(xs), max(xs)
         hi = hi if hi > lo else lo + 1e-12
-        sx = lambda x: x0 + pad + (x - xs[0]) / max(1, xs[-1] - xs[0]) * (W - pad - 8)
+        sx = lambda x: x0 + pad + (x - first) / max(1, last - first) * (W - pad - 8)
         sy = lambda y: y0 + H - 20 - (y - lo) / (hi - lo) * (H - 40)
-        d.line([(sx(x), sy(y)) for x, y in pts], fill=(30, 90, 200), width=2)
+        for j, s in enumerate(series):
+            if len(s) > 1:
+                d.line([(sx(x), sy(y)) for x, y in s], fill=CURVE_COLOURS[j % len(CURVE_COLOURS)], width=2)
         d.text((x0 + 2, y0 + 20), f"{hi:.3g}", fill=(90, 90, 90))
         d.text((x0 + 2, y0 + H - 32), f"{lo:.3g}", fill=(90, 90, 90))
-        d.text((x0 + W - 60, y0 + H - 16), f"step {xs[-1]}", fill=(90, 90, 90))
+        d.text((x0 + W - 60, y0 + H - 16), f"step {last}", fill=(90, 90, 90))
     sheet.save(path)
 
 
