@@ -794,7 +794,9 @@ def test_training_loss_falls_and_writes_outputs(tmp_path):
     ckpt = torch.load(os.path.join(out, "ckpt.pt"), weights_only=True)
     assert ckpt["step"] == 30 and ckpt["config"]["lambda1"] == 0.1 and ckpt["pred_n"] is not None
     assert Image.open(os.path.join(out, "curves.png")).size[0] > 100
-    assert train.main(["--plot", out, out, "--plot-out", str(tmp_path / "two.png")]) == 0  # overlay (README pictures)
+    os.makedirs(tmp_path / "copy")
+    open(tmp_path / "copy" / "log.jsonl", "w").write(open(os.path.join(out, "log.jsonl")).read())
+    assert train.main(["--plot", out, str(tmp_path / "copy"), "--plot-out", str(tmp_path / "two.png")]) == 0  # overlay
     assert Image.open(tmp_path / "two.png").size[1] > Image.open(os.path.join(out, "curves.png")).size[1]  # + legend
     init = probe.random_encoder("vit_tiny", 32, 8, 0).state_dict()  # the student at step 0 (seed 0)
     dist = lambda a, b: sum((a[k] - b[k]).pow(2).sum() for k in a if a[k].is_floating_point()).sqrt().item()
