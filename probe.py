@@ -438,11 +438,22 @@ def arm_name(cfg, common):
     return " ".join(["I-JEPA" if ijepa else "N-JEPA"] + extra)
 
 
+def arm_config(cfg):
+    """The options that define an arm, with today's defaults filled in for options a run predates and
+    the derived width resolved, so that runs of older code group with their peers."""
+    if not cfg:
+        return {}
+    arm = {name: cfg.get(name, small) for name, _, small, _, _ in train.OPTIONS if name not in NOT_ARM}
+    arm["pred_dim"] = arm["pred_dim"] or model_lib.default_predictor_dim(model_lib.PRESETS[arm["model"]]["embed_dim"])
+    arm["warmup"] = min(40.0, 0.4 * arm["epochs"]) if arm["warmup"] is None else arm["warmup"]
+    return arm
+
+
 def table(results):
     """Group probe results by (arm config, probe settings). Returns (rows, text)."""
     groups = {}
     for r in results:
-        arm = {k: v for k, v in r.get("config", {}).items() if k not in NOT_ARM}
+        arm = arm_config(r.get("config", {}))
         probe_key = (r.get("encoder"), r.get("last_layers"), r.get("label_fraction"), r.get("solver"))
         groups.setdefault(json.dumps([arm, probe_key], sort_keys=True), []).append(r)
     arms = [json.loads(k)[0] for k in groups if json.loads(k)[0]]
@@ -469,15 +480,13 @@ def table(results):
                      "teacher_std": mean_std([r["train"]["final_teacher_std"] for r in runs if r.get("train")])
                      if any(r.get("train") for r in runs) else None, "config": arm})
     rows.sort(key=lambda r: (r["probe"]["label_fraction"] != 1.0, r["arm"] != "I-JEPA", r["arm"]))
-    fmt = lambda ms, d=2: f"{ms[0]:6.{d}f} ± {ms[1]:4.{d}f}" if ms else " " * (11 + 2 * d)
-    w = max([len(r["arm"]) for r in rows] + [3])
-    head = (f"| {'arm':<{w}} | labels | n | top-1 %          | random init %    | gain over random | "
-            f"vs I-JEPA, paired | collapsed | teacher_std   |")
-    lines = [head, "|" + "|".join("-" * (len(c)) for c in head.split("|")[1:-1]) + "|"]
-    for r in rows:
-        lines.append(f"| {r['arm']:<{w}} | {100 * r['probe']['label_fraction']:5.0f}% | {len(r['seeds'])} | "
-                     f"{fmt(r['top1'])}  | {fmt(r['random_init'])}  | {fmt(r['gain'])}   | {fmt(r['vs_ijepa'])}    | "
-                     f"{r['collapsed']:>4} of {len(r['seeds'])}  | {fmt(r['teacher_std'], 3)} |")
+    fmt = lambda ms, d=2: f"{ms[0]:.{d}f} ± {ms[1]:.{d}f}" if ms else ""
+    head = ["arm", "labels", "n", "top-1 %", "random init %", "gain over random", "vs I-JEPA (paired)", "collapsed", "teacher_std"]
+    cells = [[r["arm"], f"{100 * r['probe']['label_fraction']:g}%", str(len(r["seeds"])), fmt(r["top1"]), fmt(r["random_init"]),
+              fmt(r["gain"]), fmt(r["vs_ijepa"]), f"{r['collapsed']} of {len(r['seeds'])}", fmt(r["teacher_std"], 3)] for r in rows]
+    width = [max(len(c[i]) for c in [head] + cells) for i in range(len(head))]
+    line = lambda c: "| " + " | ".join(x.ljust(w) if i == 0 else x.rjust(w) for i, (x, w) in enumerate(zip(c, width))) + " |"
+    lines = [line(head), "|" + "|".join("-" * (w + 2) for w in width) + "|"] + [line(c) for c in cells]
     return rows, "\n".join(lines)
 
 

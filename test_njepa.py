@@ -1223,6 +1223,7 @@ def test_table_groups_by_config_and_pairs_seeds(tmp_path, capsys):
     """Mean ± std over seeds per arm, and the paired difference to I-JEPA with the same seed. Breaks if
     runs are grouped by seed or out folder, or if the difference is taken between unpaired means."""
     results = [fake_result(s, t, b, lambda1=0.0, lambda2=0.0) for s, t, b in ((0, 0.50, 0.40), (1, 0.60, 0.41), (2, 0.55, 0.42))]
+    results[0]["config"].update(n_targets=4, start_lr=1e-4, pred_dim=None)  # a run of older code: same arm
     results += [fake_result(s, t, b) for s, t, b in ((0, 0.51, 0.40), (1, 0.62, 0.41), (2, 0.56, 0.42))]
     results += [fake_result(s, t, b, noise="none") for s, t, b in ((0, 0.20, 0.40), (1, 0.50, 0.41))]
     rows, text = probe.table(results)
@@ -1231,7 +1232,7 @@ def test_table_groups_by_config_and_pairs_seeds(tmp_path, capsys):
     assert by["N-JEPA"]["top1"] == pytest.approx((56.333333, 5.507571), rel=1e-5)
     assert by["N-JEPA"]["vs_ijepa"] == pytest.approx((1.333333, 0.577350), rel=1e-5)  # diffs 1, 2, 1
     assert by["N-JEPA noise=none"]["vs_ijepa"] == pytest.approx((-20.0, 14.142136), rel=1e-5)  # seeds 0, 1 only
-    assert by["I-JEPA"]["vs_ijepa"] is None and by["N-JEPA noise=none"]["collapsed"] == 1
+    assert by["I-JEPA"]["vs_ijepa"] is None and by["N-JEPA noise=none"]["collapsed"] == 1 and by["I-JEPA"]["seeds"] == [0, 1, 2]
     assert by["I-JEPA"]["gain"] == pytest.approx((14.0, 4.582576), rel=1e-5)  # gains 10, 19, 13
     paths = []
     for i, r in enumerate(results):
