@@ -330,7 +330,7 @@ def cfg_for(**kw):
 
 def test_schedules_endpoints_and_cosine_shape():
     ipe = 10
-    cfg = cfg_for(epochs=100, warmup=40, ipe_scale=1.0)
+    cfg = cfg_for(epochs=100, warmup=40, ipe_scale=1.0, lr=1e-3)
     T = 1000
     assert train.lr_at(0, cfg, ipe) == pytest.approx(1e-4)
     assert train.lr_at(400, cfg, ipe) == pytest.approx(1e-3)
