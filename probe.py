@@ -417,9 +417,9 @@ NOT_ARM = {"seed", "out", "device", "compile", "workers", "log_every", "max_step
 
 
 def mean_std(xs):
-    """Mean and sample std (n - 1) of a list; std 0 for one value."""
+    """Mean and sample std (n - 1) of a list; std None for one value (a spread needs two)."""
     m = sum(xs) / len(xs)
-    return m, (math.sqrt(sum((x - m) ** 2 for x in xs) / (len(xs) - 1)) if len(xs) > 1 else 0.0)
+    return m, (math.sqrt(sum((x - m) ** 2 for x in xs) / (len(xs) - 1)) if len(xs) > 1 else None)
 
 
 # The N-JEPA defaults of the switches an arm may change (train.OPTIONS); a name lists only departures.
@@ -475,15 +475,15 @@ def table(results):
                      "seeds": sorted(by_seed), "top1": mean_std(tops),
                      "random_init": mean_std([100 * r["random_init"]["top1"] for r in runs if "random_init" in r]) if gains else None,
                      "gain": mean_std(gains) if gains else None,
-                     "vs_ijepa": mean_std(diffs) if diffs and ref is not runs else None,
+                     "vs_ijepa": mean_std(diffs) if diffs and ref is not runs else None, "pairs": len(diffs),
                      "collapsed": sum(bool(r.get("train", {}).get("collapsed")) for r in runs),
                      "teacher_std": mean_std([r["train"]["final_teacher_std"] for r in runs if r.get("train")])
                      if any(r.get("train") for r in runs) else None, "config": arm})
     rows.sort(key=lambda r: (r["probe"]["label_fraction"] != 1.0, r["arm"] != "I-JEPA", r["arm"]))
-    fmt = lambda ms, d=2: f"{ms[0]:.{d}f} ± {ms[1]:.{d}f}" if ms else ""
+    fmt = lambda ms, d=2: "" if not ms else f"{ms[0]:.{d}f}" + (f" ± {ms[1]:.{d}f}" if ms[1] is not None else "")
     head = ["arm", "labels", "n", "top-1 %", "random init %", "gain over random", "vs I-JEPA (paired)", "collapsed", "teacher_std"]
     cells = [[r["arm"], f"{100 * r['probe']['label_fraction']:g}%", str(len(r["seeds"])), fmt(r["top1"]), fmt(r["random_init"]),
-              fmt(r["gain"]), fmt(r["vs_ijepa"]), f"{r['collapsed']} of {len(r['seeds'])}", fmt(r["teacher_std"], 3)] for r in rows]
+              fmt(r["gain"]), fmt(r["vs_ijepa"]) + (f" ({r['pairs']} pair{'s' * (r['pairs'] > 1)})" if r["vs_ijepa"] else ""), f"{r['collapsed']} of {len(r['seeds'])}", fmt(r["teacher_std"], 3)] for r in rows]
     width = [max(len(c[i]) for c in [head] + cells) for i in range(len(head))]
     line = lambda c: "| " + " | ".join(x.ljust(w) if i == 0 else x.rjust(w) for i, (x, w) in enumerate(zip(c, width))) + " |"
     lines = [line(head), "|" + "|".join("-" * (w + 2) for w in width) + "|"] + [line(c) for c in cells]

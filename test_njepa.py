@@ -1240,7 +1240,9 @@ def test_table_groups_by_config_and_pairs_seeds(tmp_path, capsys):
         json.dump(r, open(paths[-1], "w"))
     assert probe.main(["--table", str(tmp_path / "*.json"), "--table-json", str(tmp_path / "t.out")]) == 0
     out = capsys.readouterr().out
-    assert "N-JEPA noise=none" in out and " 1.33 ±" in out and len(json.load(open(tmp_path / "t.out"))) == 3
+    assert "N-JEPA noise=none" in out and " 1.33 ± 0.58 (3 pairs)" in out and len(json.load(open(tmp_path / "t.out"))) == 3
+    _, text = probe.table(results[:1] + results[3:4])  # one seed: no spread is printed, not a fake 0.00
+    assert " 50.00 |" in text and " 1.00 (1 pair) |" in text and "± 0.00" not in text
 
 
 # ---------------------------------------------------------------------------------------------
