@@ -37,6 +37,7 @@ import math
 import os
 import sys
 import time
+from types import SimpleNamespace
 
 import torch
 import torch.nn.functional as F
@@ -444,9 +445,7 @@ def arm_config(cfg):
     if not cfg:
         return {}
     arm = {name: cfg.get(name, small) for name, _, small, _, _ in train.OPTIONS if name not in NOT_ARM}
-    arm["pred_dim"] = arm["pred_dim"] or model_lib.default_predictor_dim(model_lib.PRESETS[arm["model"]]["embed_dim"])
-    arm["warmup"] = min(40.0, 0.4 * arm["epochs"]) if arm["warmup"] is None else arm["warmup"]
-    return arm
+    return vars(train.fill_derived(SimpleNamespace(**arm)))
 
 
 def table(results):
@@ -482,8 +481,10 @@ def table(results):
     rows.sort(key=lambda r: (r["probe"]["label_fraction"] != 1.0, r["arm"] != "I-JEPA", r["arm"]))
     fmt = lambda ms, d=2: "" if not ms else f"{ms[0]:.{d}f}" + (f" ± {ms[1]:.{d}f}" if ms[1] is not None else "")
     head = ["arm", "labels", "n", "top-1 %", "random init %", "gain over random", "vs I-JEPA (paired)", "collapsed", "teacher_std"]
+    pairs = lambda r: f" ({r['pairs']} pair{'s' * (r['pairs'] > 1)})" if r["vs_ijepa"] else ""
     cells = [[r["arm"], f"{100 * r['probe']['label_fraction']:g}%", str(len(r["seeds"])), fmt(r["top1"]), fmt(r["random_init"]),
-              fmt(r["gain"]), fmt(r["vs_ijepa"]) + (f" ({r['pairs']} pair{'s' * (r['pairs'] > 1)})" if r["vs_ijepa"] else ""), f"{r['collapsed']} of {len(r['seeds'])}", fmt(r["teacher_std"], 3)] for r in rows]
+              fmt(r["gain"]), fmt(r["vs_ijepa"]) + pairs(r), f"{r['collapsed']} of {len(r['seeds'])}", fmt(r["teacher_std"], 3)]
+             for r in rows]
     width = [max(len(c[i]) for c in [head] + cells) for i in range(len(head))]
     line = lambda c: "| " + " | ".join(x.ljust(w) if i == 0 else x.rjust(w) for i, (x, w) in enumerate(zip(c, width))) + " |"
     lines = [line(head), "|" + "|".join("-" * (w + 2) for w in width) + "|"] + [line(c) for c in cells]

@@ -131,6 +131,11 @@ def resolve_config(args, ckpt_config=None):
     cfg = SimpleNamespace(**cfg)
     check_config(cfg)
     cfg.use_n = cfg.lambda1 > 0 or cfg.lambda2 > 0  # predictor N runs only when its losses count (Eq. 10)
+    return fill_derived(cfg)
+
+
+def fill_derived(cfg):
+    """The defaults that depend on other options (also used by probe.py to group runs of older code)."""
     cfg.pred_dim = cfg.pred_dim or default_predictor_dim(PRESETS[cfg.model]["embed_dim"])
     cfg.warmup = min(40.0, 0.4 * cfg.epochs) if cfg.warmup is None else cfg.warmup  # Sec. 4.4; SPEC 2
     return cfg
@@ -770,7 +775,7 @@ def bench(cfg, steps=10, warmup=3):
     mfu = f"MFU {100 * res['mfu']:.1f}% of {res['peak_gflop_s']:.0f} GFLOP/s ({peak_src})" if peak else f"MFU n/a ({peak_src})"
     print(f"bench | {cfg.model} {cfg.img}px/{cfg.patch} batch {cfg.batch} | {mode}{' compiled' if cfg.compile else ''} | "
           f"step {1000 * t_med:.0f} ms (median of {steps}) | {res['img_s']:.1f} img/s | {res['gflop_s']:.1f} GFLOP/s | "
-          f"{mfu} | peak mem {res['peak_mem_gb']:.2f} GB | ctx {res['n_ctx']:.0f} + 4x{res['n_tgt']:.0f} tgt patches")
+          f"{mfu} | peak mem {res['peak_mem_gb']:.2f} GB | ctx {res['n_ctx']:.0f} + {all_masks[0][1].size(1)}x{res['n_tgt']:.0f} tgt patches")
     print(f"bench | projected: {cfg.epochs} epochs x {n_images[0] // cfg.batch} steps ({n_images[0]:,} images, {n_images[1]}) "
           f"x {t_med:.3f} s = {res['projected_hours']:.2f} h; ImageNet-1K, 100 epochs x {IMAGENET_TRAIN // cfg.batch} steps: "
           f"{imagenet_h:.1f} h on this device, one process (data loading not included)")
