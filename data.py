@@ -464,8 +464,9 @@ class MaskCollator:
     draws this step's masks for the whole global batch from (seed, step), keeping this rank's rows.
     Returns (images uint8, labels, unreadable image names, context [b, Nc], targets [b, L, Nt], step)."""
 
-    def __init__(self, grid, seed, rank=0, world=1, n_targets=4):
+    def __init__(self, grid, seed, rank=0, world=1, n_targets=4, context_keep="random"):
         self.grid, self.seed, self.rank, self.world, self.n_targets = grid, seed, rank, world, n_targets
+        self.context_keep = context_keep  # how a context longer than the batch minimum is cut (masks.py)
 
     def __call__(self, samples):
         images, labels, bad = collate([s[:3] for s in samples])
@@ -475,7 +476,8 @@ class MaskCollator:
     def masks(self, step, b):
         """(context [b, Nc], targets [b, L, Nt]) of this rank's b images at `step`."""
         g = torch.Generator().manual_seed(step_seed(self.seed, step, stream=3))
-        context, targets = masks.sample_masks(b * self.world, self.grid, self.grid, generator=g, n_targets=self.n_targets)
+        context, targets = masks.sample_masks(b * self.world, self.grid, self.grid, generator=g, n_targets=self.n_targets,
+                                              context_keep=self.context_keep)
         rows = slice(self.rank * b, (self.rank + 1) * b)
         return context[rows], targets[rows]
 
@@ -488,11 +490,39 @@ def ignore_signals_in_worker(_worker_id):
     signal.signal(signal.SIGTERM, signal.SIG_IGN)
 
 
-def training_loader(dataset, img, grid, seed, batch, epoch, start_batch=0, rank=0, world=1, workers=-1, pin=False):
+def training_loader(dataset, img, grid, seed, batch, epoch, start_batch=0, rank=0, world=1, workers=-1, pin=False,
+                    context_keep="random"):
     """This rank's batches of one epoch, from `start_batch` on. workers -1: none for the in-memory
     built-in data (cropping costs less than a worker process), else one per core left, up to 8."""
     if workers < 0:
         workers = 0 if isinstance(dataset, Shapes) else min(8, max(1, (os.cpu_count() or 2) // world - 1))
     return torch.utils.data.DataLoader(Augmented(dataset, img, train=True), num_workers=workers, pin_memory=pin,
                                        batch_sampler=epoch_batches(len(dataset), epoch, seed, batch, rank, world, start_batch),
-                                       collate_fn=MaskCollator(grid, seed, rank, world), worker_init_fn=ignore_signals_in_worker)
+                                       collate_fn=MaskCollator(grid, seed, rank, world, context_keep=context_keep),
+                                       worker_init_fn=ignore_signals_in_worker)
+
+
+# ---------------------------------------------------------------------------------------------
+# Evaluation sets of the online kNN curve (train.py --eval-every): fixed, stratified, decoded once
+# ---------------------------------------------------------------------------------------------
+def stratified_pick(labels, cap, seed):
+    """Sorted indices of at most `cap` samples with the classes as balanced as they allow: each class
+    in a random order (its own generator, `seed`), then taken round-robin over the classes."""
+    labels = torch.as_tensor(labels)
+    if cap is None or cap >= len(labels):
+        return torch.arange(len(labels))
+    g = torch.Generator().manual_seed(seed)
+    rank = torch.empty(len(labels), dtype=torch.long)  # position of each sample within its class's random order
+    for c in labels.unique().tolist():
+        idx = (labels == c).nonzero().squeeze(1)
+        rank[idx[torch.randperm(len(idx), generator=g)]] = torch.arange(len(idx))
+    order = sorted(range(len(labels)), key=lambda i: (rank[i].item(), labels[i].item()))
+    return torch.tensor(sorted(order[:cap]))
+
+
+def eval_images(dataset, indices, img_size):
+    """(uint8 [n, 3, img, img] evaluation crops, labels [n], names of unreadable files skipped) of the
+    given samples, decoded once; an unreadable file is replaced by the next readable one (Augmented)."""
+    view = Augmented(dataset, img_size, train=False)
+    images, labels, bad = collate([view[int(i)] for i in tqdm(indices, desc="knn images", unit="img", leave=False)])
+    return images, labels, bad

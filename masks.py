@@ -16,7 +16,9 @@ Departures from the reference code, both to remove a bias:
   * I-JEPA draws the top-left corner with randint(0, H - h), which never reaches the last row or
     column; here randint(0, H - h + 1), so every patch can be covered.
   * I-JEPA truncates the context to its first `min` indices (dropping the bottom of the image);
-    here a random subset of that size is kept (in ascending order).
+    here a random subset of that size is kept (in ascending order) by default. `context_keep="first"`
+    (train.py `--context-keep first`) keeps the first indices as I-JEPA does: a harder task, since
+    targets near the bottom are then predicted from farther away (SPEC section 2, "context cut").
 Retries are bounded: a configuration that cannot leave `min_keep` context patches raises an error.
 
 Run `python masks.py --show masks.png` to draw examples.
@@ -58,7 +60,7 @@ def default_min_keep(grid_h, grid_w):
 
 def sample_masks(batch_size, grid_h, grid_w, generator=None, n_targets=4, target_scale=(0.15, 0.2),
                  target_aspect=(0.75, 1.5), context_scale=(0.85, 1.0), context_aspect=(1.0, 1.0),
-                 min_keep=None, max_tries=100):
+                 min_keep=None, max_tries=100, context_keep="random"):
     """Returns (context [B, Nc], targets [B, L, Nt]) as LongTensors of row-major patch indices.
 
     Invariants (tested): every target block is a full h x w rectangle of the same size for the whole
@@ -68,6 +70,8 @@ def sample_masks(batch_size, grid_h, grid_w, generator=None, n_targets=4, target
         raise ValueError(f"n_targets must be >= 1, got {n_targets}")
     if batch_size < 1:
         raise ValueError(f"batch_size must be >= 1, got {batch_size}")
+    if context_keep not in ("random", "first"):
+        raise ValueError(f"context_keep must be 'random' or 'first', got {context_keep!r}")
     if min_keep is None:
         min_keep = default_min_keep(grid_h, grid_w)
     g = generator if generator is not None else torch.Generator().manual_seed(torch.seed() % 2**62)
@@ -87,8 +91,11 @@ def sample_masks(batch_size, grid_h, grid_w, generator=None, n_targets=4, target
                 f"grid with {n_targets} targets of {th}x{tw}: use fewer/smaller targets or a larger image")
         contexts.append(context.flatten().nonzero().squeeze(1))
         targets.append(torch.stack([b.flatten().nonzero().squeeze(1) for b in blocks]))
-    n_keep = min(len(c) for c in contexts)  # truncate to the shortest context in the batch
-    contexts = [c[torch.randperm(len(c), generator=g)[:n_keep].sort().values] for c in contexts]
+    n_keep = min(len(c) for c in contexts)  # truncate to the shortest context in the batch (SPEC 2, "context cut"):
+    if context_keep == "first":  # I-JEPA's collator: the first n_keep indices in raster order
+        contexts = [c[:n_keep] for c in contexts]
+    else:  # a random subset of n_keep, kept in ascending order
+        contexts = [c[torch.randperm(len(c), generator=g)[:n_keep].sort().values] for c in contexts]
     return torch.stack(contexts), torch.stack(targets)
 
 

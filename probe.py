@@ -167,6 +167,24 @@ def fit_logreg(x, y, n_classes, l2, w=None, eig=None, max_iter=200):
     return torch.cat([(v[:, :-1] * d) @ Q.T, v[:, -1:]], dim=1)  # back to W [C, F + 1]
 
 
+@torch.no_grad()
+def knn_top1(bank_x, bank_y, query_x, query_y, n_classes, k=20, temperature=0.07, chunk=1024):
+    """Weighted k-nearest-neighbour top-1 (DINO's `eval_knn`, Caron et al. 2021, Sec. 4.1 / their
+    knn_classifier): features L2-normalised, the k most cosine-similar bank samples vote for their
+    class with weight exp(similarity / T). Used by train.py's online curve (--eval-every); deterministic
+    (ties of topk are broken by index, no sampling). bank_x [n, D], query_x [m, D]; returns a float."""
+    bank = F.normalize(bank_x.float(), dim=1)  # [n, D]
+    k = min(k, len(bank))
+    correct = 0
+    for i in range(0, len(query_x), chunk):
+        q = F.normalize(query_x[i:i + chunk].float(), dim=1)  # [c, D]
+        sim, idx = (q @ bank.T).topk(k, dim=1)  # [c, k] cosine similarities and bank indices
+        votes = torch.zeros(len(q), n_classes, device=q.device)
+        votes.scatter_add_(1, bank_y[idx], (sim / temperature).exp())  # [c, C] weighted votes
+        correct += (votes.argmax(1) == query_y[i:i + chunk]).sum().item()
+    return correct / len(query_x)
+
+
 def predict(w, x):
     return (x @ w[:, :-1].T + w[:, -1]).argmax(1)
 
@@ -311,8 +329,14 @@ def load_encoder(args):
             model, img, patch, state = cfg["model"], cfg["img"], cfg["patch"], raw[name]
         encoder = vit(model, img_size=img, patch_size=patch)
         encoder.load_state_dict(state)
-        return encoder, dict(model=model, img=img, patch=patch, config=cfg, data=args.data or cfg["data"], out=out,
-                             id=file_hash(args.ckpt), name=name)
+        dataset = args.data or cfg["data"]
+        # a downloadable dataset is read from the folder the run trained on (recorded by train.py) while it
+        # exists, whatever $NJEPA_DATA says now; else it is resolved as usual (cache, or a download)
+        root = cfg.get("data_path") if dataset == cfg.get("data") and os.path.isdir(cfg.get("data_path") or "") else None
+        # the epoch of this point of the run: snapshots carry it, ckpt.pt has step / iterations per epoch
+        epoch = raw.get("epoch", raw["step"] / cfg["ipe"] if cfg.get("ipe") else cfg["epochs"]) if cfg else None
+        return encoder, dict(model=model, img=img, patch=patch, config=cfg, data=dataset, root=root, out=out,
+                             id=file_hash(args.ckpt), name=name, epoch=epoch, step=raw.get("step"))
     if not args.data or not args.img:
         raise ProbeError("give --ckpt PATH, or --random-init / --pixels with --data and --img")
     if args.pixels:
@@ -331,8 +355,8 @@ def features_for(encoder, info, args, device):
     """Train and test features (cached in OUT/probe_cache) and whether both came from the cache."""
     if args.last_layers < 1 or (encoder is not None and args.last_layers > encoder.depth):
         raise ProbeError(f"--last-layers must be between 1 and the encoder depth, got {args.last_layers}")
-    train_set = data.build_dataset(info["data"], "train", info["img"], args.subset_per_class)
-    test_set = data.build_dataset(info["data"], "test", info["img"])
+    train_set = data.build_dataset(info.get("root") or info["data"], "train", info["img"], args.subset_per_class)
+    test_set = data.build_dataset(info.get("root") or info["data"], "test", info["img"])
     if train_set.classes != test_set.classes:
         raise ProbeError(f"train and test splits of {info['data']} have different classes")
     cfg = info["config"]
@@ -363,14 +387,16 @@ def evaluate(encoder, info, args, device):
     return res
 
 
-def train_stats(ckpt_path):
-    """Collapse signal and length of the run behind a checkpoint, from its log.jsonl (if present)."""
-    recs = train.read_log(os.path.join(os.path.dirname(os.path.abspath(ckpt_path)), "log.jsonl"))
+def train_stats(ckpt_path, step=None):
+    """Collapse signal, length and wall time of the run behind a checkpoint up to its `step`, from the
+    run's log.jsonl (if present): a snapshot gets the figures of its own point of the run."""
+    recs = [r for r in train.read_log(os.path.join(os.path.dirname(os.path.abspath(ckpt_path)), "log.jsonl"))
+            if "loss" in r and (step is None or r["step"] <= step)]
     stds = [r["teacher_std"] for r in recs if r.get("teacher_std") is not None]
     if not stds:
         return {}
     return {"steps": recs[-1]["step"], "final_loss": recs[-1]["loss"], "final_teacher_std": stds[-1],
-            "min_teacher_std": min(stds), "collapsed": stds[-1] < train.COLLAPSE_STD}
+            "min_teacher_std": min(stds), "collapsed": stds[-1] < train.COLLAPSE_STD, "wall_s": recs[-1].get("wall_s")}
 
 
 def run(args, ckpt=None):
@@ -385,7 +411,8 @@ def run(args, ckpt=None):
     result = {"top1": res["top1"], **{k: res[k] for k in ("solver", "chosen", "scores", "n_train", "n_test", "solve_s")},
               "ckpt": args.ckpt, "ckpt_hash": info["id"], "encoder": info["name"], "model": info["model"],
               "last_layers": args.last_layers, "label_fraction": args.label_fraction, "data": info["data"],
-              "seed": args.seed, "features_cached": res["features_cached"], "config": info["config"]}
+              "seed": args.seed, "features_cached": res["features_cached"], "config": info["config"],
+              "epoch": info.get("epoch"), "step": info.get("step")}
     if args.ckpt and not args.no_baseline:  # the same run's student at step 0, on the same data
         seed = info["config"].get("seed", 0)
         twin = random_encoder(info["model"], info["img"], info["patch"], seed)
@@ -393,10 +420,12 @@ def run(args, ckpt=None):
         base = evaluate(twin, base_info, args, device)
         result["random_init"] = {"top1": base["top1"], "chosen": base["chosen"], "seed": seed}
         result["gain"] = result["top1"] - base["top1"]
-        result["train"] = train_stats(args.ckpt)
+        result["train"] = train_stats(args.ckpt, info.get("step"))
     result["time_s"] = round(sum(r["time_s"] for r in [res] + ([base] if "random_init" in result else [])), 2)
     os.makedirs(info["out"], exist_ok=True)
-    with open(os.path.join(info["out"], "probe.json"), "w") as f:  # the latest result
+    stem = os.path.splitext(os.path.basename(args.ckpt))[0] if args.ckpt else "ckpt"
+    suffix = stem[len("ckpt"):] if stem.startswith("ckpt") else "-" + stem  # ckpt.pt -> probe.json, ckpt-e10.pt -> probe-e10.json
+    with open(os.path.join(info["out"], f"probe{suffix}.json"), "w") as f:  # the latest result of this checkpoint
         json.dump(result, f, indent=1)
     with open(os.path.join(info["out"], "probe.jsonl"), "a") as f:  # every result, one line each
         f.write(json.dumps(result) + "\n")
@@ -414,7 +443,8 @@ def run(args, ckpt=None):
 # Tables: runs grouped by config, mean ± std over pretraining seeds, paired differences to I-JEPA
 # ---------------------------------------------------------------------------------------------
 # Config entries that do not define an arm: the seed pairs runs, the rest is bookkeeping.
-NOT_ARM = {"seed", "out", "device", "compile", "workers", "log_every", "max_steps", "classes", "init_from"}
+NOT_ARM = {"seed", "out", "device", "compile", "workers", "log_every", "max_steps", "classes", "init_from", "eval_every",
+           "knn_bank", "knn_queries", "keep_every"}
 
 
 def mean_std(xs):
@@ -448,12 +478,19 @@ def arm_config(cfg):
     return vars(train.fill_derived(SimpleNamespace(**arm)))
 
 
+def result_epoch(r):
+    """The epoch a probe result was taken at: recorded since snapshots exist, else the run's length."""
+    e = r.get("epoch", r.get("config", {}).get("epochs"))
+    return round(e, 2) if e is not None else None
+
+
 def table(results):
-    """Group probe results by (arm config, probe settings). Returns (rows, text)."""
+    """Group probe results by (arm config, probe settings, epoch: snapshots of one run are points of its
+    curve, ordered by epoch). Returns (rows, text)."""
     groups = {}
     for r in results:
         arm = arm_config(r.get("config", {}))
-        probe_key = (r.get("encoder"), r.get("last_layers"), r.get("label_fraction"), r.get("solver"))
+        probe_key = (r.get("encoder"), r.get("last_layers"), r.get("label_fraction"), r.get("solver"), result_epoch(r))
         groups.setdefault(json.dumps([arm, probe_key], sort_keys=True), []).append(r)
     arms = [json.loads(k)[0] for k in groups if json.loads(k)[0]]
     common = {k: v for k, v in arms[0].items() if all(a.get(k) == v for a in arms)} if arms else {}
@@ -470,7 +507,7 @@ def table(results):
         gains = [100 * r["gain"] for r in runs if "gain" in r]
         tops = [100 * r["top1"] for r in runs]
         label = arm_name(arm, common) if arm else os.path.basename(str(runs[0].get("ckpt")))  # e.g. an I-JEPA file
-        rows.append({"arm": label, "probe": dict(zip(("encoder", "last_layers", "label_fraction", "solver"), probe_key)),
+        rows.append({"arm": label, "probe": dict(zip(("encoder", "last_layers", "label_fraction", "solver", "epoch"), probe_key)),
                      "seeds": sorted(by_seed), "top1": mean_std(tops),
                      "random_init": mean_std([100 * r["random_init"]["top1"] for r in runs if "random_init" in r]) if gains else None,
                      "gain": mean_std(gains) if gains else None,
@@ -478,11 +515,11 @@ def table(results):
                      "collapsed": sum(bool(r.get("train", {}).get("collapsed")) for r in runs),
                      "teacher_std": mean_std([r["train"]["final_teacher_std"] for r in runs if r.get("train")])
                      if any(r.get("train") for r in runs) else None, "config": arm})
-    rows.sort(key=lambda r: (r["probe"]["label_fraction"] != 1.0, r["arm"] != "I-JEPA", r["arm"]))
+    rows.sort(key=lambda r: (r["probe"]["label_fraction"] != 1.0, r["arm"] != "I-JEPA", r["arm"], r["probe"]["epoch"] or 0))
     fmt = lambda ms, d=2: "" if not ms else f"{ms[0]:.{d}f}" + (f" ± {ms[1]:.{d}f}" if ms[1] is not None else "")
-    head = ["arm", "labels", "n", "top-1 %", "random init %", "gain over random", "vs I-JEPA (paired)", "collapsed", "teacher_std"]
+    head = ["arm", "epoch", "labels", "n", "top-1 %", "random init %", "gain over random", "vs I-JEPA (paired)", "collapsed", "teacher_std"]
     pairs = lambda r: f" ({r['pairs']} pair{'s' * (r['pairs'] > 1)})" if r["vs_ijepa"] else ""
-    cells = [[r["arm"], f"{100 * r['probe']['label_fraction']:g}%", str(len(r["seeds"])), fmt(r["top1"]), fmt(r["random_init"]),
+    cells = [[r["arm"], f"{r['probe']['epoch']:g}" if r["probe"]["epoch"] is not None else "", f"{100 * r['probe']['label_fraction']:g}%", str(len(r["seeds"])), fmt(r["top1"]), fmt(r["random_init"]),
               fmt(r["gain"]), fmt(r["vs_ijepa"]) + pairs(r), f"{r['collapsed']} of {len(r['seeds'])}", fmt(r["teacher_std"], 3)]
              for r in rows]
     width = [max(len(c[i]) for c in [head] + cells) for i in range(len(head))]

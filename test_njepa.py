@@ -29,8 +29,9 @@ import train
 
 HERE = os.path.dirname(os.path.abspath(__file__))
 # a small, fast configuration for training tests: 32 px images, 8 px patches (4x4 grid), 2-block predictors
+# (fp32 and no online kNN unless a test asks: the bf16 and kNN paths have tests of their own)
 FAST = ["--model", "vit_tiny", "--img", "32", "--patch", "8", "--pred-depth", "2", "--batch", "16",
-        "--subset-per-class", "8", "--log-every", "1", "--device", "cpu"]
+        "--subset-per-class", "8", "--log-every", "1", "--device", "cpu", "--precision", "fp32", "--eval-every", "0"]
 
 
 def run_cli(*args, timeout=600, env=None):
@@ -223,6 +224,32 @@ def test_context_truncation_keeps_a_random_subset_not_the_first_patches():
         cols.append((ctx % 14).float().mean())
     assert abs(torch.stack(rows).mean() - torch.stack(cols).mean()) < 0.3
     assert abs(torch.stack(rows).mean() - 6.5) < 0.4
+
+
+def test_context_keep_first_keeps_the_first_indices_and_random_does_not():
+    """--context-keep first is I-JEPA's cut: every context is the first n_keep of its own sorted
+    indices. Breaks if `first` still draws a subset, or if `random` became a prefix cut."""
+    cut = {}
+    for keep in ("first", "random"):
+        g = torch.Generator().manual_seed(0)
+        full = []  # each image's context before the cut, from a replay of the same draws
+        ctx, _ = masks.sample_masks(32, 8, 8, generator=g, context_keep=keep)
+        g2 = torch.Generator().manual_seed(0)
+        th, tw = masks.block_size(g2, (0.15, 0.2), (0.75, 1.5), 8, 8)
+        ch, cw = masks.block_size(g2, (0.85, 1.0), (1.0, 1.0), 8, 8)
+        for _ in range(32):
+            while True:
+                covered = torch.stack([masks.place_block(g2, th, tw, 8, 8) for _ in range(4)]).any(0)
+                c = masks.place_block(g2, ch, cw, 8, 8) & ~covered
+                if int(c.sum()) >= masks.default_min_keep(8, 8):
+                    break
+            full.append(c.flatten().nonzero().squeeze(1))
+        cut[keep] = [bool(torch.equal(row, f[:len(row)])) for row, f in zip(ctx, full)]
+        assert all(set(row.tolist()) <= set(f.tolist()) for row, f in zip(ctx, full))
+    assert all(cut["first"])
+    assert sum(cut["random"]) < 32 / 2  # most random cuts are not the prefix
+    with pytest.raises(ValueError, match="context_keep"):
+        masks.sample_masks(2, 8, 8, context_keep="last")
 
 
 def test_masks_picture(tmp_path):
@@ -474,6 +501,39 @@ def test_shared_predictor_equals_two_calls_with_the_same_weights(monkeypatch):
     assert torch.allclose(seen["n"], m.pred_c(z, ctx, tgt, noise=noise), atol=1e-5)
 
 
+def test_cpu_bf16_attention_runs_in_fp32_and_auto_precision_follows_the_hardware(monkeypatch):
+    """Under CPU bf16 autocast the attention kernel gets fp32 q, k, v (its bf16 backward measured 14x
+    slower) while the projections stay bf16; --precision auto is bf16 on CUDA and on AMX CPUs only."""
+    seen = []
+    real = torch.nn.functional.scaled_dot_product_attention
+    monkeypatch.setattr(model.F, "scaled_dot_product_attention", lambda q, k, v: (seen.append(q.dtype), real(q, k, v))[1])
+    attn = model.Attention(48, 3)
+    with torch.autocast("cpu", dtype=torch.bfloat16):
+        y = attn(torch.randn(2, 5, 48))
+    assert seen == [torch.float32] and y.dtype == torch.bfloat16
+    monkeypatch.setattr(train, "cpu_has_amx", lambda: True)
+    assert train.resolve_precision("auto", torch.device("cpu")) == "bf16"
+    monkeypatch.setattr(train, "cpu_has_amx", lambda: False)
+    assert train.resolve_precision("auto", torch.device("cpu")) == "fp32"
+    assert train.resolve_precision("auto", torch.device("cuda")) == "bf16"
+    assert train.resolve_precision("fp32", torch.device("cuda")) == "fp32"
+
+
+def test_bf16_training_run_on_cpu_stays_within_tolerance_of_fp32(tmp_path):
+    """--precision bf16 on CPU: 12 training steps with finite losses within 5 % of the fp32 run's, fp32
+    weights in the checkpoint, and the resolved precision recorded (a resume keeps it)."""
+    losses_by = {}
+    for p in ("fp32", "bf16"):
+        out = str(tmp_path / p)
+        assert train.main(FAST + ["--epochs", "3", "--lr", "1e-3", "--out", out, "--precision", p, "--max-steps", "12"]) == 0
+        ckpt = torch.load(os.path.join(out, "ckpt.pt"), weights_only=True)
+        assert ckpt["config"]["precision"] == p and all(v.dtype == torch.float32 for v in ckpt["student"].values())
+        losses_by[p] = [l for _, l in read_losses(out)]
+    assert all(math.isfinite(l) for l in losses_by["bf16"]) and len(losses_by["bf16"]) == 12
+    assert losses_by["bf16"] == pytest.approx(losses_by["fp32"], rel=0.05)
+    assert losses_by["bf16"] != losses_by["fp32"]  # it did run in bf16
+
+
 def test_bf16_autocast_step_on_cpu_matches_fp32():
     """The mixed-precision step (what CUDA runs): forward_losses + backward + AdamW + EMA under bf16
     autocast gives finite losses, fp32 parameters and gradients, the noise added to fp32 position
@@ -698,6 +758,19 @@ def test_imagenette_downloads_once_then_uses_the_cache(small_imagenette, tmp_pat
     assert (cache / "imagenette2-160" / data.READY).exists()
     data.build_dataset("imagenette", "train")
     assert small_imagenette.requests == [None]  # cache hit: no request
+
+
+def test_probe_reads_the_folder_the_run_trained_on(small_imagenette, tmp_path, monkeypatch):
+    """A run on a downloaded dataset records its folder; probe.py reads it from there even when
+    $NJEPA_DATA now points elsewhere (no second download). Breaks if probe resolves the cache again."""
+    out = str(tmp_path / "run")
+    assert train.main(FAST + ["--data", "imagenette", "--batch", "10", "--subset-per-class", "2", "--epochs", "1", "--out", out]) == 0
+    cfg = torch.load(os.path.join(out, "ckpt.pt"), weights_only=True)["config"]
+    assert cfg["data_path"] == str(tmp_path / "cache" / "imagenette2-160")
+    monkeypatch.setenv("NJEPA_DATA", str(tmp_path / "elsewhere"))
+    r = probe.run(probe.parse_args(["--ckpt", os.path.join(out, "ckpt.pt"), "--no-baseline"]))
+    assert r["n_test"] == 10 and small_imagenette.requests == [None]  # the one download of the training run
+    assert not os.path.exists(tmp_path / "elsewhere")
 
 
 def test_interrupted_download_resumes_with_a_range_request(small_imagenette, tmp_path):
@@ -958,7 +1031,7 @@ def test_ddp_two_processes_equal_one_process_with_the_whole_batch(tmp_path):
     (the same images, crops, masks and noise: all drawn for the global batch), to 1e-5. Breaks if the
     data shards overlap, the masks or noise depend on the rank, or the gradients are not averaged."""
     one, two = str(tmp_path / "one"), str(tmp_path / "two")
-    args = [*FAST, "--epochs", "1", "--max-steps", "2", "--lr", "1e-2", "--warmup", "0"]
+    args = [*FAST, "--epochs", "1", "--max-steps", "2", "--lr", "1e-2", "--warmup", "0", "--eval-every", "1", "--knn-queries", "25"]
     r = run_cli("train.py", *args, "--out", one)
     assert r.returncode == 0, r.stderr[-3000:]
     r = run_cli("-m", "torch.distributed.run", "--nproc_per_node", "2", "--master_port", str(free_port()),
@@ -968,6 +1041,10 @@ def test_ddp_two_processes_equal_one_process_with_the_whole_batch(tmp_path):
     for part in ("student", "teacher", "pred_c", "pred_n"):
         for k, v in a[part].items():
             assert torch.allclose(v, b[part][k], atol=1e-5), (part, k)
+    # online kNN at step 0: each rank encodes its shard (odd sizes: 80 and 25 over 2 ranks), rank 0 scores
+    knn = [[r for r in train.read_log(os.path.join(d, "log.jsonl")) if "knn_student" in r] for d in (one, two)]
+    assert len(knn[0]) == len(knn[1]) == 1 and knn[1][0]["knn_queries"] == 25
+    assert (knn[0][0]["knn_student"], knn[0][0]["knn_teacher"]) == (knn[1][0]["knn_student"], knn[1][0]["knn_teacher"])
     init = probe.random_encoder("vit_tiny", 32, 8, 0).state_dict()["blocks.0.attn.qkv.weight"]
     assert not torch.allclose(a["student"]["blocks.0.attn.qkv.weight"], init)  # the step did move the weights
     r = run_cli("-m", "torch.distributed.run", "--nproc_per_node", "2", "--master_port", str(free_port()),
@@ -1217,6 +1294,91 @@ def fake_result(seed, top1, base, **cfg):
     config = {"model": "vit_tiny", "lambda1": 0.1, "lambda2": 0.1, "noise": "multi", "seed": seed, "out": f"r{seed}", **cfg}
     return {"top1": top1, "config": config, "encoder": "student", "last_layers": 1, "label_fraction": 1.0, "solver": "lbfgs",
             "random_init": {"top1": base}, "gain": top1 - base, "train": {"final_teacher_std": 0.5, "collapsed": top1 < 0.3}}
+
+
+def test_knn_separates_blobs_sees_chance_on_shuffled_labels_and_is_deterministic():
+    """DINO's weighted kNN: separable blobs -> 100 %, shuffled bank labels -> chance (5 classes: 20 %),
+    the same answer twice. Breaks if the votes ignore the labels or the neighbours are the farthest."""
+    x, y = blobs(60, classes=5)
+    tx, ty = blobs(40, classes=5, seed=1)
+    assert probe.knn_top1(x, y, tx, ty, 5) == 1.0
+    shuffled = y[torch.randperm(len(y), generator=torch.Generator().manual_seed(0))]
+    accs = [probe.knn_top1(x, shuffled, tx, ty, 5) for _ in range(2)]
+    assert accs[0] == accs[1] and abs(accs[0] - 0.2) < 0.12
+    # k = 1 on a hand-made case: the query takes its nearest neighbour's class
+    bank, labels = torch.tensor([[1.0, 0.0], [0.0, 1.0], [-1.0, 0.1]]), torch.tensor([0, 1, 2])
+    assert probe.knn_top1(bank, labels, torch.tensor([[0.9, 0.2], [0.1, 0.9]]), torch.tensor([0, 1]), 3, k=1) == 1.0
+
+
+def test_online_knn_leaves_the_run_unchanged_and_logs_student_and_teacher(tmp_path, capsys):
+    """A run with the online kNN makes exactly the losses and weights of a run without it, logs student
+    and teacher top-1 at step 0 and after each epoch, prints one line each, and draws them. The eval
+    draws from no generator of the run (torch's global state is untouched) and gives every module
+    back its train/eval mode. Breaks if the eval changes the RNG state or leaves a module in eval mode."""
+    runs = {}
+    for e in ("0", "1"):
+        out = str(tmp_path / f"e{e}")
+        assert train.main(FAST + ["--epochs", "2", "--out", out, "--eval-every", e, "--knn-queries", "60"]) == 0
+        runs[e] = out
+    loss_recs = lambda out: [(r["step"], r["loss"], r["ct"]) for r in train.read_log(os.path.join(out, "log.jsonl")) if "loss" in r]
+    assert loss_recs(runs["0"]) == loss_recs(runs["1"])
+    a, b = (torch.load(os.path.join(runs[e], "ckpt.pt"), weights_only=True) for e in ("0", "1"))
+    assert all(torch.equal(a["student"][k], b["student"][k]) for k in a["student"])
+    knn = [r for r in train.read_log(os.path.join(runs["1"], "log.jsonl")) if "knn_student" in r]
+    assert [r["step"] for r in knn] == [0, 5, 10] and not any("knn_student" in r for r in train.read_log(os.path.join(runs["0"], "log.jsonl")))
+    assert knn[0]["knn_student"] == knn[0]["knn_teacher"]  # step 0: the teacher is the student's copy
+    assert all(0 <= r["knn_teacher"] <= 1 and r["knn_bank"] == 80 and r["knn_queries"] == 60 for r in knn)
+    assert capsys.readouterr().out.count("knn | epoch") == 3
+    # the eval itself: RNG state and modes untouched
+    cfg = train.resolve_config(train.parse_args(FAST + ["--epochs", "2", "--eval-every", "1", "--knn-queries", "60"]))
+    cfg.precision = "fp32"
+    m = train.build_models(cfg)
+    m.teacher.eval()  # whatever mode each module is in, it comes back in it
+    with torch.no_grad():  # a teacher that differs from the student, so that both are encoded
+        m.teacher.blocks[0].mlp.fc1.weight.mul_(1.5)
+    ds = data.build_dataset("shapes", "train", 32, 8)
+    rng = torch.get_rng_state()
+    ev = train.OnlineKnn(cfg, ds, 0, 1, torch.device("cpu"), True)
+    res = ev.evaluate(m, train.autocast_for(torch.device("cpu"), "fp32"))
+    assert torch.equal(rng, torch.get_rng_state()) and m.student.training and not m.teacher.training
+    assert all(mod.training for mod in m.student.modules())
+    assert set(res) >= {"knn_student", "knn_teacher"} and res["knn_s"] >= 0
+
+
+def test_online_knn_without_a_val_split_is_a_notice_not_a_crash(tmp_path, capsys):
+    root = make_folder(tmp_path / "ds", per_class=8, size=32, splits=("train",))
+    assert train.main(FAST + ["--data", str(root), "--epochs", "1", "--eval-every", "1", "--out", str(tmp_path / "o")]) == 0
+    assert "notice: no online kNN" in capsys.readouterr().out
+    assert train.resolve_config(train.parse_args(["--data", str(root)])).eval_every == 0  # a folder: off by default
+    assert train.resolve_config(train.parse_args(["--epochs", "4"])).eval_every == 1  # built-in data: on
+
+
+def test_snapshots_are_weights_only_probed_per_epoch_and_off_by_default(tmp_path, capsys):
+    """--keep-every E keeps ckpt-eE.pt (weights and config, no optimizer, weights_only loadable); none
+    without the flag; a snapshot cannot be resumed; probe.py writes probe-eE.json for each and its
+    table orders the points of one run by epoch."""
+    root = make_folder(tmp_path / "ds", classes=("a", "b", "c"), per_class=6, size=32, splits=("train", "test"))
+    out, plain = str(tmp_path / "run"), str(tmp_path / "plain")
+    assert train.main(FAST + ["--data", str(root), "--batch", "6", "--epochs", "3", "--out", out, "--keep-every", "1,3"]) == 0
+    assert train.main(FAST + ["--data", str(root), "--batch", "6", "--epochs", "1", "--out", plain]) == 0
+    assert sorted(f for f in os.listdir(out) if f.startswith("ckpt")) == ["ckpt-e1.pt", "ckpt-e3.pt", "ckpt.pt"]
+    assert sorted(f for f in os.listdir(plain) if f.startswith("ckpt")) == ["ckpt.pt"]
+    snap = torch.load(os.path.join(out, "ckpt-e1.pt"), weights_only=True)
+    assert snap["epoch"] == 1 and snap["step"] == 3 and "optimizer" not in snap and snap["config"]["keep_every"] == "1,3"
+    full = torch.load(os.path.join(out, "ckpt.pt"), weights_only=True)
+    assert not all(torch.equal(snap["student"][k], full["student"][k]) for k in full["student"])
+    assert train.main(["--resume", os.path.join(out, "ckpt-e1.pt"), "--out", out]) == 2
+    assert "weights-only snapshot" in capsys.readouterr().err
+    assert train.snapshot_epochs("25", 100) == {25, 50, 75, 100} and train.snapshot_epochs(None, 10) == set()
+    with pytest.raises(train.ConfigError):
+        train.snapshot_epochs("x", 10)
+    assert probe.main(["--ckpt", os.path.join(out, "ckpt-e3.pt"), os.path.join(out, "ckpt-e1.pt"), "--table"]) == 0
+    text = capsys.readouterr().out
+    assert os.path.exists(os.path.join(out, "probe-e1.json")) and os.path.exists(os.path.join(out, "probe-e3.json"))
+    r1 = json.load(open(os.path.join(out, "probe-e1.json")))
+    assert r1["epoch"] == 1 and r1["train"]["steps"] == 3  # the snapshot's own point of the log
+    rows = [line.split("|")[2].strip() for line in text.splitlines() if line.startswith("| I-JEPA") or line.startswith("| N-JEPA")]
+    assert rows == ["1", "3"]  # one row per epoch, in order
 
 
 def test_table_groups_by_config_and_pairs_seeds(tmp_path, capsys):

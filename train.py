@@ -68,21 +68,30 @@ OPTIONS = [
     ("pred_dim",         None,       None,       int,   "predictor width (Sec. 4.2: 384; default min(384, encoder width / 2))"),
     ("share_predictor",  False,      False,      bool,  "one predictor for both branches (Table 6a)"),
     ("share_mask_token", False,      False,      bool,  "one mask token for both predictors (Table 5b)"),
+    ("context_keep",     "random",   "random",   str,   "cut of a context longer than the batch minimum: random subset, or first (I-JEPA's collator; SPEC 2)"),
     ("subset_per_class", None,       None,       int,   "use only the first N images of each class"),
     ("init_from",        None,       None,       str,   "start from an I-JEPA (.pth.tar) or njepa checkpoint's weights; fresh optimizer"),
     ("seed",             0,          0,          int,   "seed of everything: init, data order, crops, masks, noise"),
     ("device",           "auto",     "auto",     str,   "auto, cpu, cuda (under torchrun: the GPU of LOCAL_RANK), cuda:1, ..."),
     ("compile",          False,      False,      bool,  "torch.compile the encoders and predictors"),
+    ("precision",        "auto",     "auto",     str,   "auto (bf16 autocast on CUDA and on CPUs with AMX, where it measured faster; else fp32), fp32, bf16"),
     ("workers",          -1,         -1,         int,   "DataLoader workers (-1: auto)"),
     ("log_every",        10,         10,         int,   "log (and check for collapse) every N steps"),
     ("max_steps",        None,       None,       int,   "stop with a checkpoint after this step; schedules still span --epochs"),
+    ("eval_every",       None,       None,       int,   "online kNN of student and teacher at step 0 and every E epochs (0: off; default: about "
+                                                          "10 points for built-in and downloadable data, off for a folder)"),
+    ("knn_bank",         2000,       2000,       int,   "online kNN: labelled bank, a stratified pick of the train split"),
+    ("knn_queries",      2000,       2000,       int,   "online kNN: queries, a stratified pick of the val/test split"),
+    ("keep_every",       None,       None,       str,   "also keep weights-only snapshots ckpt-eE.pt every E epochs, or at the listed epochs ('10,25,50')"),
 ]
 START_LR, FINAL_LR, FINAL_WD, FINAL_EMA = 1e-4, 1e-6, 0.4, 1.0  # Sec. 4.4, appendix, Sec. 4.2
 # Collapse alarm: teacher_std (see feature_std) starts near 0.4-0.5 and stays there in a healthy run;
 # a collapsed run falls towards 0. Measured: N-JEPA, vit_tiny, CIFAR-10 subset, lr 1e-3: 0.43 -> 0.04.
 COLLAPSE_STD = 0.1
 # Options a resumed run may change; anything else must match the checkpoint (--epochs: see --reschedule).
-RESUME_MAY_CHANGE = {"out", "device", "compile", "workers", "log_every", "max_steps"}
+RESUME_MAY_CHANGE = {"out", "device", "compile", "workers", "log_every", "max_steps", "eval_every", "knn_bank", "knn_queries",
+                     "keep_every"}
+KNN_K, KNN_T = 20, 0.07  # online kNN: DINO's eval_knn (k = 20, temperature 0.07)
 
 
 def parse_args(argv=None):
@@ -124,6 +133,8 @@ def resolve_config(args, ckpt_config=None):
             what = ", ".join(f"--{k.replace('_', '-')} {new} (checkpoint: {was})" for k, (was, new) in clash.items())
             raise ConfigError(f"checkpoint was trained with another config: {what}")
         cfg = dict(old, max_steps=None)  # --max-steps belongs to one invocation, not to the run
+        if "precision" not in ckpt_config:  # a run of older code: it trained in fp32 on CPU, bf16 on CUDA
+            cfg["precision"] = "fp32" if given.get("device", old["device"]) == "cpu" or not torch.cuda.is_available() else "bf16"
     else:
         column = 2 if given.get("data", "shapes") in data.BUILTIN else 1
         cfg = {o[0]: o[column] for o in OPTIONS}
@@ -131,6 +142,8 @@ def resolve_config(args, ckpt_config=None):
     cfg = SimpleNamespace(**cfg)
     check_config(cfg)
     cfg.use_n = cfg.lambda1 > 0 or cfg.lambda2 > 0  # predictor N runs only when its losses count (Eq. 10)
+    if cfg.eval_every is None:  # about 10 points on a curve where a val/test split is known to exist
+        cfg.eval_every = max(1, round(cfg.epochs / 10)) if cfg.data in data.BUILTIN or cfg.data in data.DOWNLOADS else 0
     return fill_derived(cfg)
 
 
@@ -155,9 +168,14 @@ def check_config(cfg):
     if cfg.lambda1 < 0 or cfg.lambda2 < 0:
         raise ConfigError("--lambda1 and --lambda2 must be >= 0")
     for name, choices in (("noise", ("multi", "single", "none")), ("noise_dist", ("lognormal", "fixed")),
-                          ("lr_schedule", ("cosine", "constant"))):
+                          ("lr_schedule", ("cosine", "constant")), ("context_keep", ("random", "first")),
+                          ("precision", ("auto", "fp32", "bf16"))):
         if getattr(cfg, name) not in choices:
             raise ConfigError(f"--{name.replace('_', '-')} must be one of {', '.join(choices)}, got {getattr(cfg, name)!r}")
+    for name in ("eval_every", "knn_bank", "knn_queries"):
+        if getattr(cfg, name) is not None and getattr(cfg, name) < (0 if name == "eval_every" else 1):
+            raise ConfigError(f"--{name.replace('_', '-')} must be >= {0 if name == 'eval_every' else 1}, got {getattr(cfg, name)}")
+    snapshot_epochs(cfg.keep_every, cfg.epochs)  # raises on a bad --keep-every
     if cfg.sigma_max is not None and cfg.sigma_max <= 0:
         raise ConfigError(f"--sigma-max must be > 0, got {cfg.sigma_max}")
     pred_dim, heads = cfg.pred_dim or default_predictor_dim(PRESETS[cfg.model]["embed_dim"]), PRESETS[cfg.model]["num_heads"]
@@ -312,6 +330,7 @@ def stop_flags(loss, signalled, world):
 # ---------------------------------------------------------------------------------------------
 def train(cfg, ckpt=None):
     device, rank, world = setup_distributed(cfg)
+    cfg.precision = resolve_precision(cfg.precision, device)  # kept resolved in the checkpoint: a resume keeps it
     master = rank == 0
     torch.manual_seed(cfg.seed)
     os.makedirs(cfg.out, exist_ok=True)
@@ -319,23 +338,28 @@ def train(cfg, ckpt=None):
     if len(dataset) < cfg.batch:
         raise ConfigError(f"the dataset has {len(dataset)} images, fewer than one batch of {cfg.batch}")
     cfg.classes = list(dataset.classes)
-    ipe = len(dataset) // cfg.batch  # iterations per epoch
+    cfg.data_path = os.path.abspath(data.fetch(cfg.data)) if cfg.data in data.DOWNLOADS else None  # probe.py reuses it
+    ipe = cfg.ipe = len(dataset) // cfg.batch  # iterations per epoch (kept in the checkpoint: its epoch = step / ipe)
     m = build_on_device(cfg, device)
     step = restore(m, ckpt) if ckpt is not None else 0
     if ckpt is None and cfg.init_from:
         init_weights_from(m, cfg, cfg.init_from)
     student, teacher, pred_c, pred_n = wrap_for_training(m, cfg, device, world)
-    autocast = autocast_for(device)
+    autocast = autocast_for(device, cfg.precision)
     end_step = min(cfg.epochs * ipe, cfg.max_steps or cfg.epochs * ipe)
     log = Log(cfg, master, ipe, step, end_step, resumed=ckpt is not None)
     signalled = catch_stop_signals()
     if master:
         log.start(m, dataset, world, device)
+    knn = OnlineKnn(cfg, dataset, rank, world, device, master) if cfg.eval_every else None
+    if knn and step == 0:  # the random-init encoder: where every curve starts
+        log.knn(step, knn.evaluate(m, autocast))
     exit_code = 0
     while step < end_step and exit_code == 0:
         epoch, start_batch = divmod(step, ipe)
         for images, _, bad, context, targets, _ in data.training_loader(dataset, cfg.img, cfg.img // cfg.patch, cfg.seed, cfg.batch,
-                                                                        epoch, start_batch, rank, world, cfg.workers, device.type == "cuda"):
+                                                                        epoch, start_batch, rank, world, cfg.workers, device.type == "cuda",
+                                                                        cfg.context_keep):
             # -- schedules, masks (drawn in the loader) and noise: pure functions of (seed, step)
             lr, wd, mom = set_schedules(m.optimizer, step, cfg, ipe)
             images = data.normalize(images.to(device, non_blocking=True))
@@ -359,13 +383,93 @@ def train(cfg, ckpt=None):
             if step % ipe == 0 or step == end_step:
                 break  # epoch (or run) ends: checkpoint below
         if exit_code == 0:
-            end_of_epoch(m, cfg, step, master, log)
+            if knn and knn.due(step, ipe):  # before the checkpoint: a run killed during the eval redoes it on --resume
+                log.knn(step, knn.evaluate(m, autocast))
+            end_of_epoch(m, cfg, step, ipe, master, log)
     log.close()
     if master and exit_code == 0:
         log.done(step, cfg.epochs * ipe)
     if world > 1:
         dist.destroy_process_group()
     return exit_code
+
+
+# ---------------------------------------------------------------------------------------------
+# The quality curve: online weighted kNN of the student and the teacher (SPEC 2, "quality curve")
+# ---------------------------------------------------------------------------------------------
+class OnlineKnn:
+    """A fixed labelled bank (a stratified pick of the train split) and fixed queries (of the val/test
+    split), evaluation crops decoded once; at each eval, mean-pooled final-normed features of the
+    student and the teacher (eval mode, no_grad, the training precision) and DINO's weighted kNN top-1.
+    It never changes the run: the picks use their own generator, no training generator is drawn from,
+    and every module gets back the train/eval mode it had. Under DDP each rank encodes its shard
+    (every world-th sample) and rank 0 scores the gathered features."""
+
+    def __init__(self, cfg, train_set, rank, world, device, master):
+        self.cfg, self.rank, self.world, self.device, self.sets = cfg, rank, world, device, None
+        try:
+            test_set = data.build_dataset(cfg.data, "test", cfg.img)
+        except data.DataError as e:
+            if master:
+                print(f"notice: no online kNN ({e})", flush=True)
+            return
+        self.sets = []
+        for ds, cap in ((train_set, cfg.knn_bank), (test_set, cfg.knn_queries)):
+            picked = data.stratified_pick(ds.labels, cap, seed=0)  # the same picks in every run, whatever its seed
+            images, labels, bad = data.eval_images(ds, picked[rank::world], cfg.img)  # this rank's shard
+            if bad and master:
+                print(f"warning: online kNN skipped {len(bad)} unreadable image(s), e.g. {', '.join(bad[:3])}", file=sys.stderr)
+            self.sets.append((images, labels, len(picked)))
+        self.n_classes = len(train_set.classes)
+
+    def due(self, step, ipe):
+        """At the end of every eval_every-th epoch and of the whole run."""
+        return self.sets is not None and step % ipe == 0 and (step // ipe % self.cfg.eval_every == 0 or step == self.cfg.epochs * ipe)
+
+    @torch.no_grad()
+    def features(self, encoder, images, autocast, batch=256):
+        """[n, D] mean over patch tokens of the final-normed output, as probe.py and Sec. 4.5."""
+        out = []
+        for i in range(0, len(images), batch):
+            x = data.normalize(images[i:i + batch].to(self.device))
+            with autocast:
+                out.append(encoder(x).float().mean(1))  # [b, D]
+        return torch.cat(out) if out else torch.zeros(0, encoder.embed_dim, device=self.device)
+
+    def gather(self, x, n):
+        """The full [n, ...] tensor from every rank's shard (rank r holds samples r, r + world, ...)."""
+        if self.world == 1:
+            return x
+        per = -(-n // self.world)
+        padded = torch.zeros(per, *x.shape[1:], dtype=x.dtype, device=x.device)
+        padded[:len(x)] = x
+        parts = [torch.empty_like(padded) for _ in range(self.world)]
+        dist.all_gather(parts, padded)
+        return torch.stack(parts, 1).flatten(0, 1)[:n]  # interleave back: sample i came from rank i % world
+
+    def evaluate(self, m, autocast):
+        """{"knn_student", "knn_teacher", "knn_bank", "knn_queries", "knn_s"} (scores on rank 0 only)."""
+        if self.sets is None:
+            return None
+        import probe
+        t0 = time.perf_counter()
+        res = {}
+        same = all(torch.equal(a, b) for a, b in zip(m.student.state_dict().values(), m.teacher.state_dict().values()))
+        for name, encoder in (("student", m.student), ("teacher", m.teacher)):
+            if name == "teacher" and same:  # step 0: the teacher is the student's copy (Alg. 1 line 4), one pass does
+                res["knn_teacher"] = res.get("knn_student")
+                break
+            was_training = encoder.training
+            encoder.eval()
+            try:
+                (bx, by, nb), (qx, qy, nq) = [(self.gather(self.features(encoder, images, autocast), n),
+                                               self.gather(labels.to(self.device), n), n) for images, labels, n in self.sets]
+            finally:
+                encoder.train(was_training)
+            if self.rank == 0:
+                res[f"knn_{name}"] = probe.knn_top1(bx, by, qx, qy, self.n_classes, KNN_K, KNN_T)
+        res.update(knn_bank=nb, knn_queries=nq, knn_s=round(time.perf_counter() - t0, 2))
+        return res
 
 
 def main(argv=None):
@@ -403,6 +507,8 @@ def main(argv=None):
 # =============================================================================================
 def restore(m, ckpt):
     """Load a checkpoint's models and optimizer (--resume); returns its step."""
+    if "optimizer" not in ckpt:
+        raise ConfigError(f"the checkpoint of step {ckpt['step']} is a weights-only snapshot (--keep-every): resume from ckpt.pt")
     for name in ("student", "teacher", "pred_c", "pred_n"):
         if getattr(m, name) is not None:
             getattr(m, name).load_state_dict(ckpt[name])
@@ -426,11 +532,34 @@ def stop_run(m, cfg, step, loss, master, nan):
     return 130
 
 
-def end_of_epoch(m, cfg, step, master, log):
-    """Checkpoint, curves, and the summary of images skipped this epoch."""
+def end_of_epoch(m, cfg, step, ipe, master, log):
+    """Checkpoint (and a snapshot where --keep-every asks), curves, the summary of images skipped this epoch."""
     save_run(m, cfg, step, master)
+    if master and step % ipe == 0 and step // ipe in snapshot_epochs(cfg.keep_every, cfg.epochs):
+        save_snapshot(m, cfg, step, step // ipe)
     if master:
         log.end_of_epoch()
+
+
+def snapshot_epochs(keep_every, epochs):
+    """--keep-every "E" -> {E, 2E, ...} up to `epochs`; "10,25,50" -> those epochs; None -> none."""
+    if not keep_every:
+        return set()
+    try:
+        parts = [int(p) for p in str(keep_every).split(",") if p.strip()]
+    except ValueError:
+        raise ConfigError(f"--keep-every takes E or a list of epochs like 10,25,50, got {keep_every!r}") from None
+    if not parts or min(parts) < 1:
+        raise ConfigError(f"--keep-every epochs must be >= 1, got {keep_every!r}")
+    return set(range(parts[0], epochs + 1, parts[0])) if len(parts) == 1 and "," not in str(keep_every) else set(parts)
+
+
+def save_snapshot(m, cfg, step, epoch):
+    """OUT/ckpt-eE.pt: the weights and config at the end of epoch E, without the optimizer (a point of
+    the curve for probe.py, not a state to --resume from); written atomically like ckpt.pt."""
+    save_checkpoint({"format": "njepa-1", "config": vars(cfg), "step": step, "epoch": epoch, "snapshot": True,
+                     "student": m.student.state_dict(), "teacher": m.teacher.state_dict(), "pred_c": m.pred_c.state_dict(),
+                     "pred_n": m.pred_n.state_dict() if m.pred_n is not None else None}, os.path.join(cfg.out, f"ckpt-e{epoch}.pt"))
 
 
 def save_run(m, cfg, step, master):
@@ -455,6 +584,8 @@ class Log:
                 f.writelines(json.dumps(r) + "\n" for r in self.records)
         self.bar = tqdm(total=end_step, initial=step, disable=not master, desc="train", unit="step", dynamic_ncols=True)
         self.t_last, self.images = time.perf_counter(), 0
+        # wall_s: seconds this run has spent since step 0, over all its resumed pieces (kNN evals included)
+        self.t_start = self.t_last - max([r.get("wall_s", 0.0) for r in self.records] + [0.0])
         self.resumed_at = step if resumed else None
 
     def start(self, m, dataset, world, device):
@@ -463,7 +594,7 @@ class Log:
         mode = "N-JEPA" if cfg.use_n else "I-JEPA (lambda1 = lambda2 = 0)"
         print(f"njepa: {mode} | {cfg.model} {cfg.img}px/{cfg.patch} | data {dataset.root} ({len(dataset)} images, "
               f"{len(cfg.classes)} classes) | batch {cfg.batch} x {world} proc | {cfg.epochs} epochs x {self.ipe} steps | "
-              f"{n_params:.1f}M trainable params | device {device} | out {cfg.out}" +
+              f"{n_params:.1f}M trainable params | device {device} {cfg.precision} | out {cfg.out}" +
               (f" | from {cfg.init_from}" if cfg.init_from else "") +
               (f" | resumed at step {self.resumed_at}" if self.resumed_at is not None else ""), flush=True)
 
@@ -483,7 +614,8 @@ class Log:
                "sigma_max": sigma.float().max().item() if sigma is not None else None,
                "sigma_clipped": (sigma >= cfg.sigma_max).float().mean().item() if sigma is not None and cfg.sigma_max else None,
                "teacher_std": feature_std(target).item(), "n_ctx": context.size(1), "n_tgt": targets.size(2),
-               "img_s": self.images / dt, "step_s": dt / max(1, self.images / cfg.batch)}
+               "img_s": self.images / dt, "step_s": dt / max(1, self.images / cfg.batch),
+               "wall_s": round(time.perf_counter() - self.t_start, 1)}
         rec["tflops"] = step_flops(cfg, cfg.batch, context.size(1), targets.size(2)) * rec["img_s"] / cfg.batch / 1e12
         self.records.append(rec)
         with open(self.path, "a") as f:
@@ -494,6 +626,18 @@ class Log:
                   f"are collapsing to a constant (a loss near 0 is then meaningless); try a lower --lr", file=sys.stderr, flush=True)
         self.bar.set_postfix(loss=f"{rec['loss']:.4f}", ct=f"{rec['ct']:.4f}", lr=f"{lr:.2e}", img_s=f"{rec['img_s']:.0f}")
         self.t_last, self.images = time.perf_counter(), 0
+
+    def knn(self, step, res):
+        """One log line and one printed line per online kNN eval; its time is kept out of img/s."""
+        if not self.master or res is None:
+            return
+        rec = {"step": step, "epoch": round(step / self.ipe, 4), **res, "wall_s": round(time.perf_counter() - self.t_start, 1)}
+        self.records.append(rec)
+        with open(self.path, "a") as f:
+            f.write(json.dumps(rec) + "\n")
+        self.t_last += res["knn_s"]
+        self.bar.write(f"knn | epoch {rec['epoch']:g} (step {step}) | student {100 * res['knn_student']:.1f} % | teacher "
+                       f"{100 * res['knn_teacher']:.1f} % | bank {res['knn_bank']} | queries {res['knn_queries']} | {res['knn_s']:.1f}s")
 
     def end_of_epoch(self):
         draw_curves(self.records, os.path.join(self.cfg.out, "curves.png"))
@@ -508,7 +652,7 @@ class Log:
         self.bar.close()
 
     def done(self, step, total):
-        last = self.records[-1] if self.records else {}
+        last = next((r for r in reversed(self.records) if "loss" in r), {})
         print(f"done: step {step}/{total}, loss {last.get('loss', float('nan')):.4f} (ct {last.get('ct', float('nan')):.4f}), "
               f"checkpoint {os.path.join(self.cfg.out, 'ckpt.pt')}", flush=True)
 
@@ -662,13 +806,35 @@ def compile_models(student, teacher, pred_c, pred_n):
     return torch.compile(student, dynamic=True), torch.compile(teacher), torch.compile(pred_c, dynamic=True), pred_n
 
 
-def autocast_for(device):
-    """bf16 autocast on CUDA (losses in fp32, see losses.py), plain fp32 on CPU. On CUDA also turns off
-    cuDNN's attention: it builds a new plan for every new sequence length (1-2 ms of CPU per call,
-    measured on an H200), and the context length changes every step; flash attention does not."""
+def cpu_has_amx():
+    """Intel AMX (bf16 tile matmuls): torch's own check, else the kernel's CPU flags."""
+    try:
+        return bool(torch.cpu._is_amx_tile_supported())
+    except AttributeError:
+        try:
+            return " amx_bf16" in open("/proc/cpuinfo").read()
+        except OSError:
+            return False
+
+
+def resolve_precision(precision, device):
+    """--precision auto: bf16 autocast on CUDA, and on a CPU with AMX (measured with --bench on a Xeon
+    with AMX, vit_tiny 64/8 batch 64: 1.59x I-JEPA, 1.49x N-JEPA, README "Speed"); fp32 elsewhere (an
+    EPYC with avx512_bf16 and no AMX measured 0.96-1.42x, and CPU bf16 attention is slow, see model.py)."""
+    if precision != "auto":
+        return precision
+    return "bf16" if device.type == "cuda" or cpu_has_amx() else "fp32"
+
+
+def autocast_for(device, precision=None):
+    """bf16 autocast (losses in fp32, see losses.py) or plain fp32; precision None: bf16 on CUDA, fp32
+    on CPU (probe.py's features). On CUDA also turns off cuDNN's attention: it builds a new plan for
+    every new sequence length (1-2 ms of CPU per call, measured on an H200), and the context length
+    changes every step; flash attention does not."""
     if device.type == "cuda":
         torch.backends.cuda.enable_cudnn_sdp(False)
-    return torch.autocast("cuda", dtype=torch.bfloat16) if device.type == "cuda" else torch.autocast("cpu", enabled=False)
+    bf16 = precision == "bf16" if precision is not None else device.type == "cuda"
+    return torch.autocast(device.type, dtype=torch.bfloat16, enabled=bf16)
 
 
 def catch_stop_signals():
@@ -694,9 +860,9 @@ GPU_PEAK_BF16 = {"H100 SXM": 989e12, "H100 80GB HBM3": 989e12, "H100 NVL": 835e1
 IMAGENET_TRAIN = 1_281_167  # ImageNet-1K training images, for the projected wall time
 
 
-def measure_cpu_peak(n=2048, seconds=1.0):
-    """The fp32 matmul rate of this process on this CPU (FLOP/s): the best of repeated n x n matmuls."""
-    a, b = torch.randn(n, n), torch.randn(n, n)
+def measure_cpu_peak(n=2048, seconds=1.0, dtype=torch.float32):
+    """The matmul rate of this process on this CPU (FLOP/s) in `dtype`: the best of repeated n x n matmuls."""
+    a, b = torch.randn(n, n, dtype=dtype), torch.randn(n, n, dtype=dtype)
     a @ b  # warm-up
     best, t_end = 0.0, time.perf_counter() + seconds
     while time.perf_counter() < t_end:
@@ -706,7 +872,7 @@ def measure_cpu_peak(n=2048, seconds=1.0):
     return best
 
 
-def device_peak(device):
+def device_peak(device, precision="fp32"):
     """(peak FLOP/s, how it was found) for MFU."""
     if device.type == "cuda":
         name = torch.cuda.get_device_name(device)
@@ -714,7 +880,8 @@ def device_peak(device):
             if key in name:
                 return peak, f"{name} bf16 data sheet"
         return None, f"{name}: unknown peak"
-    return measure_cpu_peak(), "fp32 matmul measured in this process"
+    dtype = torch.bfloat16 if precision == "bf16" else torch.float32
+    return measure_cpu_peak(dtype=dtype), f"{precision} matmul measured in this process"
 
 
 def peak_memory_gb(device):
@@ -729,14 +896,16 @@ def bench(cfg, steps=10, warmup=3):
     noise, teacher, student, predictors, losses, backward, AdamW, EMA) on synthetic images; one line
     like nanoGPT's MFU report and the projected wall time of the configured run. Not a test."""
     device, _, _ = setup_distributed(cfg)
+    cfg.precision = resolve_precision(cfg.precision, device)
     torch.manual_seed(cfg.seed)
     m = build_on_device(cfg, device)
     student, teacher, pred_c, pred_n = wrap_for_training(m, cfg, device, 1)
-    autocast, collate = autocast_for(device), data.MaskCollator(cfg.img // cfg.patch, cfg.seed)
+    autocast = autocast_for(device, cfg.precision)
+    collate = data.MaskCollator(cfg.img // cfg.patch, cfg.seed, context_keep=cfg.context_keep)
     images_u8 = torch.randint(0, 256, (cfg.batch, 3, cfg.img, cfg.img), dtype=torch.uint8)
     images_u8 = images_u8.pin_memory() if device.type == "cuda" else images_u8
     all_masks = [collate.masks(step, cfg.batch) for step in range(warmup + steps)]  # the loader's workers draw these
-    peak, peak_src = device_peak(device)
+    peak, peak_src = device_peak(device, cfg.precision)
     times, flops, n_ctx, n_tgt = [], [], [], []
     for step in tqdm(range(warmup + steps), desc="bench", unit="step", leave=False):
         if device.type == "cuda":
@@ -764,7 +933,7 @@ def bench(cfg, steps=10, warmup=3):
     mode = "N-JEPA" if cfg.use_n else "I-JEPA"
     n_images = count_images(cfg)
     imagenet_h = 100 * (IMAGENET_TRAIN // cfg.batch) * t_med / 3600
-    res = {"model": cfg.model, "img": cfg.img, "patch": cfg.patch, "batch": cfg.batch, "mode": mode,
+    res = {"model": cfg.model, "img": cfg.img, "patch": cfg.patch, "batch": cfg.batch, "mode": mode, "precision": cfg.precision,
            "compile": bool(cfg.compile), "device": str(device), "device_name": torch.cuda.get_device_name(device)
            if device.type == "cuda" else "cpu", "step_s": t_med, "img_s": cfg.batch / t_med,
            "gflop_s": achieved / 1e9, "gflop_per_step": sum(flops) / len(flops) / 1e9,
@@ -773,7 +942,7 @@ def bench(cfg, steps=10, warmup=3):
            "threads": torch.get_num_threads(), "epochs": cfg.epochs, "dataset_images": n_images[0],
            "projected_hours": cfg.epochs * (n_images[0] // cfg.batch) * t_med / 3600, "imagenet_100ep_hours": imagenet_h}
     mfu = f"MFU {100 * res['mfu']:.1f}% of {res['peak_gflop_s']:.0f} GFLOP/s ({peak_src})" if peak else f"MFU n/a ({peak_src})"
-    print(f"bench | {cfg.model} {cfg.img}px/{cfg.patch} batch {cfg.batch} | {mode}{' compiled' if cfg.compile else ''} | "
+    print(f"bench | {cfg.model} {cfg.img}px/{cfg.patch} batch {cfg.batch} | {mode}{' compiled' if cfg.compile else ''} | {cfg.precision} | "
           f"step {1000 * t_med:.0f} ms (median of {steps}) | {res['img_s']:.1f} img/s | {res['gflop_s']:.1f} GFLOP/s | "
           f"{mfu} | peak mem {res['peak_mem_gb']:.2f} GB | ctx {res['n_ctx']:.0f} + {all_masks[0][1].size(1)}x{res['n_tgt']:.0f} tgt patches")
     print(f"bench | projected: {cfg.epochs} epochs x {n_images[0] // cfg.batch} steps ({n_images[0]:,} images, {n_images[1]}) "
@@ -808,9 +977,10 @@ def bench_data(cfg, batches=30):
 CURVE_COLOURS = [(30, 90, 200), (220, 60, 40), (40, 160, 70), (150, 60, 190), (230, 150, 20), (20, 170, 180)]
 
 
-def draw_curves(runs, path, keys=("loss", "ct", "nt", "cn", "lr", "sigma_mean", "teacher_std", "img_s")):
+def draw_curves(runs, path, keys=("knn_student", "knn_teacher", "loss", "ct", "nt", "cn", "lr", "sigma_mean", "teacher_std", "img_s")):
     """A PNG drawn with pillow: one small chart per logged quantity against the step. `runs` is one
-    run's log records (OUT/curves.png) or {label: records} to overlay several runs in colour."""
+    run's log records (OUT/curves.png) or {label: records} to overlay several runs in colour. The kNN
+    charts mark each eval with a dot and draw the step-0 value (the random-init encoder) as a grey line."""
     from PIL import Image, ImageDraw
     runs = runs if isinstance(runs, dict) else {"": runs}
     every = [r for recs in runs.values() for r in recs]
@@ -836,8 +1006,13 @@ def draw_curves(runs, path, keys=("loss", "ct", "nt", "cn", "lr", "sigma_mean", 
         sx = lambda x: x0 + pad + (x - first) / max(1, last - first) * (W - pad - 8)
         sy = lambda y: y0 + H - 20 - (y - lo) / (hi - lo) * (H - 40)
         for j, s in enumerate(series):
+            colour = CURVE_COLOURS[j % len(CURVE_COLOURS)]
+            if key.startswith("knn") and s and s[0][0] == 0:  # random init: the level a curve must rise above
+                d.line([(sx(first), sy(s[0][1])), (sx(last), sy(s[0][1]))], fill=(170, 170, 170), width=1)
             if len(s) > 1:
-                d.line([(sx(x), sy(y)) for x, y in s], fill=CURVE_COLOURS[j % len(CURVE_COLOURS)], width=2)
+                d.line([(sx(x), sy(y)) for x, y in s], fill=colour, width=2)
+            for x, y in s if key.startswith("knn") else []:
+                d.ellipse([sx(x) - 2, sy(y) - 2, sx(x) + 2, sy(y) + 2], fill=colour)
         d.text((x0 + 2, y0 + 20), f"{hi:.3g}", fill=(90, 90, 90))
         d.text((x0 + 2, y0 + H - 32), f"{lo:.3g}", fill=(90, 90, 90))
         d.text((x0 + W - 60, y0 + H - 16), f"step {last}", fill=(90, 90, 90))
