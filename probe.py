@@ -444,7 +444,7 @@ def run(args, ckpt=None):
 # ---------------------------------------------------------------------------------------------
 # Config entries that do not define an arm: the seed pairs runs, the rest is bookkeeping.
 NOT_ARM = {"seed", "out", "device", "compile", "workers", "log_every", "max_steps", "classes", "init_from", "eval_every",
-           "knn_bank", "knn_queries", "keep_every"}
+           "knn_bank", "knn_queries", "keep_every", "precision"}  # precision: how, not what (like device, compile)
 
 
 def mean_std(xs):
@@ -540,6 +540,102 @@ def read_results(paths):
     return results
 
 
+# ---------------------------------------------------------------------------------------------
+# Learning curves: kNN (from log.jsonl) and probe (from the snapshots' results) against epochs,
+# mean over the pretraining seeds of each arm with a band from the lowest to the highest seed
+# ---------------------------------------------------------------------------------------------
+def run_points(folder):
+    """(config, kNN points [(epoch, student, teacher)], probe points [(epoch, top1, random-init top1)])
+    of one run folder (or a committed copy of it): log.jsonl, and probe.jsonl or probe*.json (student,
+    last layer, all labels; the latest result per epoch)."""
+    recs = train.read_log(os.path.join(folder, "log.jsonl"))
+    knn = [(r["epoch"], 100 * r["knn_student"], 100 * r["knn_teacher"]) for r in recs if "knn_student" in r]
+    jsonl = os.path.join(folder, "probe.jsonl")
+    results = read_results_lines(jsonl) if os.path.exists(jsonl) else read_results(sorted(glob.glob(os.path.join(folder, "probe*.json"))))
+    probes = {}
+    for r in results:
+        if r.get("label_fraction") == 1.0 and r.get("encoder") == "student" and r.get("last_layers") == 1 and "random_init" in r:
+            probes[result_epoch(r)] = (result_epoch(r), 100 * r["top1"], 100 * r["random_init"]["top1"])
+    config = next((r["config"] for r in results if r.get("config")), None)
+    if config is None and os.path.exists(os.path.join(folder, "ckpt.pt")):  # a run not probed yet
+        config = train.load_checkpoint(os.path.join(folder, "ckpt.pt"))["config"]
+    return config or {}, knn, sorted(probes.values())
+
+
+def read_results_lines(path):
+    with open(path) as f:
+        return [json.loads(line) for line in f if line.strip()]
+
+
+def curve_bands(runs, column):
+    """{epoch: (mean, low, high, n)} over the runs' points of one column (1 = kNN student / probe)."""
+    by_epoch = {}
+    for points in runs:
+        for pt in points:
+            by_epoch.setdefault(round(pt[0], 2), []).append(pt[column])
+    return {e: (sum(v) / len(v), min(v), max(v), len(v)) for e, v in sorted(by_epoch.items())}
+
+
+def draw_learning_curves(folders, path):
+    """A PNG (pillow): left the online kNN top-1 of the student (thick) and teacher (thin), right the
+    linear-probe top-1 of the snapshots, against epochs; one colour per arm, the mean over its seeds
+    with a shaded band from the lowest to the highest seed; grey: the random-init level (kNN at step 0,
+    the probe's random-init twin), averaged over all runs."""
+    from PIL import Image, ImageDraw
+    runs = [(f, *run_points(f)) for f in folders]
+    arms = {}
+    for f, cfg, knn, probes in runs:
+        arms.setdefault(json.dumps(arm_config(cfg), sort_keys=True), []).append((knn, probes))
+    configs = [json.loads(k) for k in arms]
+    common = {k: v for k, v in configs[0].items() if all(c.get(k) == v for c in configs)} if configs else {}
+    W, H, pad, legend = 460, 300, 44, 18 * len(arms) + 8
+    sheet = Image.new("RGB", (2 * W, H + legend), "white")
+    panels = [("online kNN top-1 % (thick: student, thin: teacher)", [(1, 3), (2, 1)], 0), ("linear probe top-1 %", [(1, 3)], 1)]
+    for p, (title, columns, source) in enumerate(panels):
+        series = [(j, col, width, curve_bands([r[source] for r in group], col))
+                  for j, group in enumerate(arms.values()) for col, width in columns]
+        base = [r[2][0][1] for r in runs if source == 0 and r[2] and r[2][0][0] == 0] or \
+               [pt[2] for r in runs if source == 1 for pt in r[3]]
+        values = [v for *_, bands in series for m, lo, hi, n in bands.values() for v in (lo, hi)] + base
+        epochs = [e for *_, bands in series for e in bands]
+        if len(epochs) < 1 or not values:
+            continue
+        x0, lo, hi, last = p * W, min(values) - 1, max(values) + 1, max(epochs) or 1
+        sx = lambda e: x0 + pad + e / last * (W - pad - 12)
+        sy = lambda v: H - 24 - (v - lo) / (hi - lo) * (H - 54)
+        overlay = Image.new("RGBA", sheet.size, (0, 0, 0, 0))
+        od = ImageDraw.Draw(overlay)
+        for j, col, width, bands in series:  # bands first, lines on top
+            pts = list(bands.items())
+            if width > 1 and len(pts) > 1 and any(n > 1 for _, (_, _, _, n) in pts):
+                poly = [(sx(e), sy(b[2])) for e, b in pts] + [(sx(e), sy(b[1])) for e, b in reversed(pts)]
+                od.polygon(poly, fill=train.CURVE_COLOURS[j % len(train.CURVE_COLOURS)] + (60,))
+        sheet.paste(Image.alpha_composite(sheet.convert("RGBA"), overlay).convert("RGB"))
+        d = ImageDraw.Draw(sheet)
+        d.rectangle([x0 + pad, 30, x0 + W - 12, H - 24], outline=(160, 160, 160))
+        d.text((x0 + pad, 10), title, fill="black")
+        if base:
+            y = sy(sum(base) / len(base))
+            for x in range(int(x0 + pad), int(x0 + W - 12), 8):  # dashed: the random-init level
+                d.line([(x, y), (x + 4, y)], fill=(120, 120, 120), width=1)
+            d.text((x0 + W - 80, y - 13), f"random {sum(base) / len(base):.1f}", fill=(110, 110, 110))
+        for j, col, width, bands in series:
+            colour = train.CURVE_COLOURS[j % len(train.CURVE_COLOURS)]
+            pts = [(sx(e), sy(b[0])) for e, b in bands.items()]
+            if len(pts) > 1:
+                d.line(pts, fill=colour, width=width)
+            for x, y in pts:
+                d.ellipse([x - width, y - width, x + width, y + width], fill=colour)
+        d.text((x0 + 2, 30), f"{hi:.0f}", fill=(90, 90, 90))
+        d.text((x0 + 2, H - 36), f"{lo:.0f}", fill=(90, 90, 90))
+        d.text((x0 + W - 70, H - 18), f"epoch {last:g}", fill=(90, 90, 90))
+    d = ImageDraw.Draw(sheet)
+    for j, (key, group) in enumerate(arms.items()):
+        d.text((10, H + 4 + 18 * j), f"-- {arm_name(json.loads(key), common)}  ({len(group)} seed{'s' * (len(group) > 1)})",
+               fill=train.CURVE_COLOURS[j % len(train.CURVE_COLOURS)])
+    sheet.save(path)
+
+
 def parse_args(argv=None):
     p = argparse.ArgumentParser(description="Linear probe of a pretrained N-JEPA encoder",
                                 formatter_class=argparse.ArgumentDefaultsHelpFormatter)
@@ -568,6 +664,8 @@ def parse_args(argv=None):
     a("--out", help="where probe.json and the feature cache go (default: the checkpoint's folder)")
     a("--table", nargs="*", help="print mean ± std by config: of the --ckpt runs, or of the given probe JSON files")
     a("--table-json", help="with --table: also write the table's rows to this JSON file")
+    a("--curves", nargs="+", metavar="RUN_DIR", help="draw kNN and probe against epochs of these runs (mean and band per arm) ...")
+    a("--curves-out", default="learning-curve.png", help="... into this PNG")
     a("--device", default="auto")
     a("--workers", type=int, default=0)
     return p.parse_args(argv)
@@ -576,6 +674,10 @@ def parse_args(argv=None):
 def main(argv=None):
     try:
         args = parse_args(argv)
+        if args.curves:  # python probe.py --curves runs/in-*-s? --curves-out docs/learning-curve.png
+            draw_learning_curves(args.curves, args.curves_out)
+            print(f"wrote {args.curves_out}: {len(args.curves)} runs")
+            return 0
         if args.ckpt and len(args.ckpt) > 1 and args.out:
             raise ProbeError("--out with several --ckpt would mix their results; leave it out")
         results = [run(args, c) for c in args.ckpt] if args.ckpt else ([] if args.table is not None else [run(args)])
