@@ -1351,7 +1351,10 @@ def test_online_knn_without_a_val_split_is_a_notice_not_a_crash(tmp_path, capsys
     assert train.main(FAST + ["--data", str(root), "--epochs", "1", "--eval-every", "1", "--out", str(tmp_path / "o")]) == 0
     assert "notice: no online kNN" in capsys.readouterr().out
     assert train.resolve_config(train.parse_args(["--data", str(root)])).eval_every == 0  # a folder: off by default
-    assert train.resolve_config(train.parse_args(["--epochs", "4"])).eval_every == 1  # built-in data: on
+    cfg = train.resolve_config(train.parse_args(["--epochs", "4"]))  # built-in data: on, as often as <= 10 % allows
+    assert cfg.eval_every is None
+    train.OnlineKnn(cfg, data.build_dataset("shapes", "train", 32), 0, 1, torch.device("cpu"), True)
+    assert cfg.eval_every == 2  # 500 + 500 eval images x 0.77 against 10 % of 5,000 training images: every 2 epochs
 
 
 def test_snapshots_are_weights_only_probed_per_epoch_and_off_by_default(tmp_path, capsys):
@@ -1380,6 +1383,37 @@ def test_snapshots_are_weights_only_probed_per_epoch_and_off_by_default(tmp_path
     assert r1["epoch"] == 1 and r1["train"]["steps"] == 3  # the snapshot's own point of the log
     rows = [line.split("|")[2].strip() for line in text.splitlines() if line.startswith("| I-JEPA") or line.startswith("| N-JEPA")]
     assert rows == ["1", "3"]  # one row per epoch, in order
+
+
+def test_learning_curves_average_seeds_per_arm_and_draw(tmp_path):
+    """probe.py --curves: kNN from log.jsonl and probe top-1 from the snapshot results, per arm the mean
+    over seeds and the band between the lowest and highest seed. Breaks if seeds of one arm are drawn as
+    separate arms, or if 10 %-label results leak into the probe curve."""
+    folders = []
+    for arm, lam in (("ij", 0.0), ("nj", 0.1)):
+        for seed in (0, 1):
+            d = tmp_path / f"{arm}-s{seed}"
+            d.mkdir()
+            with open(d / "log.jsonl", "w") as f:
+                for e, acc in ((0, 0.30), (5, 0.32 + 0.02 * seed), (10, 0.40 + 0.02 * seed)):
+                    f.write(json.dumps({"step": 10 * e, "epoch": e, "knn_student": acc, "knn_teacher": acc - 0.01}) + "\n")
+                    f.write(json.dumps({"step": 10 * e + 1, "epoch": e + 0.1, "loss": 0.1}) + "\n")
+            for e, top1 in ((5, 0.40 + 0.02 * seed), (10, 0.50 + 0.02 * seed)):
+                for frac in (1.0, 0.1):
+                    r = fake_result(seed, top1 if frac == 1.0 else 0.0, 0.38, lambda1=lam, lambda2=lam, epochs=10)
+                    r.update(epoch=e, label_fraction=frac)
+                    with open(d / "probe.jsonl", "a") as f:
+                        f.write(json.dumps(r) + "\n")
+            folders.append(str(d))
+    cfg, knn, probes = probe.run_points(folders[1])
+    assert cfg["seed"] == 1 and knn[1] == (5, pytest.approx(34.0), pytest.approx(33.0))
+    assert probes == [(5, pytest.approx(42.0), pytest.approx(38.0)), (10, pytest.approx(52.0), pytest.approx(38.0))]
+    bands = probe.curve_bands([probe.run_points(f)[2] for f in folders[:2]], 1)
+    assert bands[10] == (pytest.approx(51.0), pytest.approx(50.0), pytest.approx(52.0), 2)
+    out = str(tmp_path / "lc.png")
+    assert probe.main(["--curves", *folders, "--curves-out", out]) == 0
+    img = Image.open(out)
+    assert img.size == (920, 300 + 18 * 2 + 8)  # two panels, a legend line per arm (2 arms, not 4 runs)
 
 
 def test_table_groups_by_config_and_pairs_seeds(tmp_path, capsys):
