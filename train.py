@@ -79,7 +79,7 @@ OPTIONS = [
     ("log_every",        10,         10,         int,   "log (and check for collapse) every N steps"),
     ("max_steps",        None,       None,       int,   "stop with a checkpoint after this step; schedules still span --epochs"),
     ("eval_every",       None,       None,       int,   "online kNN of student and teacher at step 0 and every E epochs (0: off; default: the "
-                                                          "most often that costs <= 10 % of training, for built-in and downloadable data; off for a folder)"),
+                                                          "most often that costs <= 10 %% of training, for built-in and downloadable data; off for a folder)"),
     ("knn_bank",         1000,       500,        int,   "online kNN: labelled bank, a stratified pick of the train split"),
     ("knn_queries",      1000,       500,        int,   "online kNN: queries, a stratified pick of the val/test split"),
     ("keep_every",       None,       None,       str,   "also keep weights-only snapshots ckpt-eE.pt every E epochs, or at the listed epochs ('10,25,50')"),
