@@ -982,14 +982,16 @@ def bench_data(cfg, batches=30):
 CURVE_COLOURS = [(30, 90, 200), (220, 60, 40), (40, 160, 70), (150, 60, 190), (230, 150, 20), (20, 170, 180)]
 
 
-def draw_curves(runs, path, keys=("knn_student", "knn_teacher", "loss", "ct", "nt", "cn", "lr", "sigma_mean", "teacher_std", "img_s")):
+def draw_curves(runs, path, keys=("knn", "loss", "ct", "nt", "cn", "lr", "sigma_mean", "teacher_std", "img_s")):
     """A PNG drawn with pillow: one small chart per logged quantity against the step. `runs` is one
-    run's log records (OUT/curves.png) or {label: records} to overlay several runs in colour. The kNN
-    charts mark each eval with a dot and draw the step-0 value (the random-init encoder) as a grey line."""
+    run's log records (OUT/curves.png) or {label: records} to overlay several runs in colour. The
+    "knn" chart holds the online kNN top-1 of the student (thick) and the teacher (thin) on a fixed
+    0-100 % axis, a dot per eval, and the step-0 value (the random-init encoder) as a grey line."""
     from PIL import Image, ImageDraw
     runs = runs if isinstance(runs, dict) else {"": runs}
     every = [r for recs in runs.values() for r in recs]
-    keys = [k for k in keys if any(r.get(k) is not None for r in every)]
+    lines = lambda key: [("knn_student", 2), ("knn_teacher", 1)] if key == "knn" else [(key, 2)]
+    keys = [k for k in keys if any(r.get(name) is not None for r in every for name, _ in lines(k))]
     if not every or not keys:
         return
     W, H, pad, ncol, legend = 300, 180, 34, 4, 16 * (len(runs) > 1) * len(runs)
@@ -1000,26 +1002,27 @@ def draw_curves(runs, path, keys=("knn_student", "knn_teacher", "loss", "ct", "n
     for k, key in enumerate(keys):
         x0, y0 = (k % ncol) * W, (k // ncol) * H
         d.rectangle([x0 + pad, y0 + 20, x0 + W - 8, y0 + H - 20], outline=(160, 160, 160))
-        d.text((x0 + pad, y0 + 5), key, fill="black")
-        series = [[(r["step"], r[key]) for r in recs if r.get(key) is not None and math.isfinite(r[key])] for recs in runs.values()]
-        pts = [p for s in series for p in s]
+        d.text((x0 + pad, y0 + 5), "knn top-1 (thick: student, thin: teacher)" if key == "knn" else key, fill="black")
+        series = [(j, width, [(r["step"], r[name]) for r in recs if r.get(name) is not None and math.isfinite(r[name])])
+                  for j, recs in enumerate(runs.values()) for name, width in lines(key)]
+        pts = [p for *_, s in series for p in s]
         if len(pts) < 2:
             continue
         xs, ys = [p[0] for p in pts], [p[1] for p in pts]
-        lo, hi, first, last = min(ys), max(ys), min(xs), max(xs)
+        (lo, hi), first, last = (0.0, 1.0) if key == "knn" else (min(ys), max(ys)), min(xs), max(xs)
         hi = hi if hi > lo else lo + 1e-12
         sx = lambda x: x0 + pad + (x - first) / max(1, last - first) * (W - pad - 8)
         sy = lambda y: y0 + H - 20 - (y - lo) / (hi - lo) * (H - 40)
-        for j, s in enumerate(series):
+        for j, width, s in series:
             colour = CURVE_COLOURS[j % len(CURVE_COLOURS)]
-            if key.startswith("knn") and s and s[0][0] == 0:  # random init: the level a curve must rise above
+            if key == "knn" and width == 2 and s and s[0][0] == 0:  # random init: the level a curve must rise above
                 d.line([(sx(first), sy(s[0][1])), (sx(last), sy(s[0][1]))], fill=(170, 170, 170), width=1)
             if len(s) > 1:
-                d.line([(sx(x), sy(y)) for x, y in s], fill=colour, width=2)
-            for x, y in s if key.startswith("knn") else []:
-                d.ellipse([sx(x) - 2, sy(y) - 2, sx(x) + 2, sy(y) + 2], fill=colour)
-        d.text((x0 + 2, y0 + 20), f"{hi:.3g}", fill=(90, 90, 90))
-        d.text((x0 + 2, y0 + H - 32), f"{lo:.3g}", fill=(90, 90, 90))
+                d.line([(sx(x), sy(y)) for x, y in s], fill=colour, width=width)
+            for x, y in s if key == "knn" else []:
+                d.ellipse([sx(x) - width, sy(y) - width, sx(x) + width, sy(y) + width], fill=colour)
+        d.text((x0 + 2, y0 + 20), "100%" if key == "knn" else f"{hi:.3g}", fill=(90, 90, 90))
+        d.text((x0 + 2, y0 + H - 32), "0" if key == "knn" else f"{lo:.3g}", fill=(90, 90, 90))
         d.text((x0 + W - 60, y0 + H - 16), f"step {last}", fill=(90, 90, 90))
     sheet.save(path)
 
