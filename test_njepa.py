@@ -1354,7 +1354,11 @@ def test_online_knn_without_a_val_split_is_a_notice_not_a_crash(tmp_path, capsys
     cfg = train.resolve_config(train.parse_args(["--epochs", "4"]))  # built-in data: on, as often as <= 10 % allows
     assert cfg.eval_every is None
     train.OnlineKnn(cfg, data.build_dataset("shapes", "train", 32), 0, 1, torch.device("cpu"), True)
-    assert cfg.eval_every == 2  # 500 + 500 eval images x 0.77 against 10 % of 5,000 training images: every 2 epochs
+    assert cfg.eval_every == 2  # (0.5 + 2 evals) x 1,000 eval images x 0.77 <= 10 % of 4 x 5,000 training images
+    assert train.default_eval_every(20, 9469, 2000) == 2 and train.default_eval_every(100, 9469, 2000) == 2
+    capsys.readouterr()
+    assert train.default_eval_every(10, 1000, 2000) == 10  # too short for 10 %: start and end only, and a notice
+    assert "costs about 23 %" in capsys.readouterr().out
 
 
 def test_snapshots_are_weights_only_probed_per_epoch_and_off_by_default(tmp_path, capsys):

@@ -400,6 +400,21 @@ def train(cfg, ckpt=None):
 # ---------------------------------------------------------------------------------------------
 # The quality curve: online weighted kNN of the student and the teacher (SPEC 2, "quality curve")
 # ---------------------------------------------------------------------------------------------
+def default_eval_every(epochs, n_train, n_eval, master=True):
+    """The smallest E whose evals (half a one at step 0, where the teacher is the student, then one every
+    E epochs and one at the end) cost <= 10 % of the training, in training images: (0.5 + ceil(epochs / E))
+    * KNN_COST * n_eval <= 0.1 * epochs * n_train. A run too short for even E = epochs keeps its start
+    and end points and is told what they cost."""
+    cost = lambda e: (0.5 + math.ceil(epochs / e)) * KNN_COST * n_eval
+    for e in range(1, epochs + 1):
+        if cost(e) <= 0.1 * epochs * n_train:
+            return e
+    if master:
+        print(f"notice: the online kNN at the start and end of this short run costs about {100 * cost(epochs) / (epochs * n_train):.0f} % "
+              f"of its training time (--eval-every 0 turns it off; --knn-bank / --knn-queries shrink it)", flush=True)
+    return epochs
+
+
 class OnlineKnn:
     """A fixed labelled bank (a stratified pick of the train split) and fixed queries (of the val/test
     split), evaluation crops decoded once; at each eval, mean-pooled final-normed features of the
@@ -425,7 +440,7 @@ class OnlineKnn:
             self.sets.append((images, labels, len(picked)))
         self.n_classes = len(train_set.classes)
         if cfg.eval_every is None:  # default: the most often that keeps the evals at <= 10 % of the training time
-            cfg.eval_every = max(1, math.ceil(KNN_COST * sum(n for *_, n in self.sets) / (0.1 * len(train_set))))
+            cfg.eval_every = default_eval_every(cfg.epochs, len(train_set), sum(n for *_, n in self.sets), master)
 
     def due(self, step, ipe):
         """At the end of every eval_every-th epoch and of the whole run."""
