@@ -6,6 +6,8 @@ probe.py -- linear-probe evaluation of a pretrained encoder (paper Sec. 4.5, Sec
   python probe.py --ckpt out/ckpt.pt --last-layers 4         # concat of the last 4 blocks (Table 6b)
   python probe.py --ckpt runs/*/ckpt.pt --table              # many runs -> mean ± std table by config
   python probe.py --table results/study/*.json               # the same table from saved results
+  python probe.py --ckpt runs/x/ckpt-e*.pt --table           # snapshots of one run: a row per epoch
+  python probe.py --curves runs/a-s? runs/b-s? --curves-out lc.png   # kNN and probe vs epochs, per arm
   python probe.py --random-init --model vit_tiny --img 32 --patch 4 --data shapes   # baseline alone
   python probe.py --pixels --img 32 --data shapes            # raw pixels, for scale
   python probe.py --ckpt IN1K-vit.h.14-300e.pth.tar --data imagenette   # an official I-JEPA checkpoint

@@ -8,9 +8,10 @@ of the step (paper Sec. 3.2, 4.1-4.4, Alg. 1; I-JEPA `train.py` where the paper 
   python train.py --lambda1 0 --lambda2 0                           # plain I-JEPA (no predictor N)
   python train.py --init-from IN1K-vit.h.14-300e.pth.tar ...        # continue from I-JEPA weights
   python train.py --bench                                           # speed: img/s, step time, MFU
+  python train.py --data imagenette --eval-every 5 --keep-every 10,25,50  # kNN curve + snapshots
 
-Writes OUT/ckpt.pt (every epoch, atomically), OUT/log.jsonl (one JSON line per log step) and
-OUT/curves.png. `--resume` continues a run exactly (same losses as an uninterrupted run), and a run
+Writes OUT/ckpt.pt (every epoch, atomically), OUT/log.jsonl (one JSON line per log step, and one per
+online kNN eval), OUT/curves.png and, with --keep-every, weights-only snapshots OUT/ckpt-eE.pt. `--resume` continues a run exactly (same losses as an uninterrupted run), and a run
 draws the same images, masks and noise on 1 or N processes.
 """
 import argparse
