@@ -559,6 +559,8 @@ def run_points(folder):
         if r.get("label_fraction") == 1.0 and r.get("encoder") == "student" and r.get("last_layers") == 1 and "random_init" in r:
             probes[result_epoch(r)] = (result_epoch(r), 100 * r["top1"], 100 * r["random_init"]["top1"])
     config = next((r["config"] for r in results if r.get("config")), None)
+    if config is None and os.path.exists(os.path.join(folder, "config.json")):  # a committed copy (results/)
+        config = json.load(open(os.path.join(folder, "config.json")))
     if config is None and os.path.exists(os.path.join(folder, "ckpt.pt")):  # a run not probed yet
         config = train.load_checkpoint(os.path.join(folder, "ckpt.pt"))["config"]
     return config or {}, knn, sorted(probes.values())

@@ -1,0 +1,26 @@
+"""Copy what a finished (or partial) run of the ImageNette study leaves behind into results/imagenette/
+RUN/: log.jsonl thinned (every online kNN line, every 100th step's loss line, the last line), the
+snapshots' probe results (probe.jsonl) and the command. python results/imagenette/collect.py runs/in-*"""
+import json
+import os
+import shutil
+import sys
+
+import torch
+
+here = os.path.dirname(os.path.abspath(__file__))
+for run in sys.argv[1:]:
+    name = os.path.basename(os.path.normpath(run))
+    dest = os.path.join(here, name)
+    os.makedirs(dest, exist_ok=True)
+    recs = [json.loads(line) for line in open(os.path.join(run, "log.jsonl")) if line.strip()]
+    keep = [r for i, r in enumerate(recs) if "knn_student" in r or r["step"] % 100 == 0 or i == len(recs) - 1]
+    with open(os.path.join(dest, "log.jsonl"), "w") as f:
+        f.writelines(json.dumps(r) + "\n" for r in keep)
+    if os.path.exists(os.path.join(run, "probe.jsonl")):
+        shutil.copy(os.path.join(run, "probe.jsonl"), os.path.join(dest, "probe.jsonl"))
+    cfg = torch.load(os.path.join(run, "ckpt.pt"), map_location="cpu", weights_only=True, mmap=True)["config"]
+    with open(os.path.join(dest, "config.json"), "w") as f:
+        json.dump(cfg, f, indent=1)
+    last = [r for r in recs if "loss" in r][-1]
+    print(f"{name}: step {last['step']} (epoch {last['epoch']:g}), {len(keep)} log lines, wall {last.get('wall_s')} s")
