@@ -169,24 +169,6 @@ def fit_logreg(x, y, n_classes, l2, w=None, eig=None, max_iter=200):
     return torch.cat([(v[:, :-1] * d) @ Q.T, v[:, -1:]], dim=1)  # back to W [C, F + 1]
 
 
-@torch.no_grad()
-def knn_top1(bank_x, bank_y, query_x, query_y, n_classes, k=20, temperature=0.07, chunk=1024):
-    """Weighted k-nearest-neighbour top-1 (DINO's `eval_knn`, Caron et al. 2021, Sec. 4.1 / their
-    knn_classifier): features L2-normalised, the k most cosine-similar bank samples vote for their
-    class with weight exp(similarity / T). Used by train.py's online curve (--eval-every); deterministic
-    (ties of topk are broken by index, no sampling). bank_x [n, D], query_x [m, D]; returns a float."""
-    bank = F.normalize(bank_x.float(), dim=1)  # [n, D]
-    k = min(k, len(bank))
-    correct = 0
-    for i in range(0, len(query_x), chunk):
-        q = F.normalize(query_x[i:i + chunk].float(), dim=1)  # [c, D]
-        sim, idx = (q @ bank.T).topk(k, dim=1)  # [c, k] cosine similarities and bank indices
-        votes = torch.zeros(len(q), n_classes, device=q.device)
-        votes.scatter_add_(1, bank_y[idx], (sim / temperature).exp())  # [c, C] weighted votes
-        correct += (votes.argmax(1) == query_y[i:i + chunk]).sum().item()
-    return correct / len(query_x)
-
-
 def predict(w, x):
     return (x @ w[:, :-1].T + w[:, -1]).argmax(1)
 

@@ -1302,13 +1302,13 @@ def test_knn_separates_blobs_sees_chance_on_shuffled_labels_and_is_deterministic
     the same answer twice. Breaks if the votes ignore the labels or the neighbours are the farthest."""
     x, y = blobs(60, classes=5)
     tx, ty = blobs(40, classes=5, seed=1)
-    assert probe.knn_top1(x, y, tx, ty, 5) == 1.0
+    assert train.knn_top1(x, y, tx, ty, 5) == 1.0
     shuffled = y[torch.randperm(len(y), generator=torch.Generator().manual_seed(0))]
-    accs = [probe.knn_top1(x, shuffled, tx, ty, 5) for _ in range(2)]
+    accs = [train.knn_top1(x, shuffled, tx, ty, 5) for _ in range(2)]
     assert accs[0] == accs[1] and abs(accs[0] - 0.2) < 0.12
     # k = 1 on a hand-made case: the query takes its nearest neighbour's class
     bank, labels = torch.tensor([[1.0, 0.0], [0.0, 1.0], [-1.0, 0.1]]), torch.tensor([0, 1, 2])
-    assert probe.knn_top1(bank, labels, torch.tensor([[0.9, 0.2], [0.1, 0.9]]), torch.tensor([0, 1]), 3, k=1) == 1.0
+    assert train.knn_top1(bank, labels, torch.tensor([[0.9, 0.2], [0.1, 0.9]]), torch.tensor([0, 1]), 3, k=1) == 1.0
 
 
 def test_online_knn_leaves_the_run_unchanged_and_logs_student_and_teacher(tmp_path, capsys):

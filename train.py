@@ -416,6 +416,24 @@ def default_eval_every(epochs, n_train, n_eval, master=True):
     return epochs
 
 
+@torch.no_grad()
+def knn_top1(bank_x, bank_y, query_x, query_y, n_classes, k=20, temperature=0.07, chunk=1024):
+    """Weighted k-nearest-neighbour top-1 (DINO's `eval_knn`, Caron et al. 2021, Sec. 4.1 / their
+    knn_classifier): features L2-normalised, the k most cosine-similar bank samples vote for their
+    class with weight exp(similarity / T). Used by the online curve (--eval-every); deterministic
+    (ties of topk are broken by index, no sampling). bank_x [n, D], query_x [m, D]; returns a float."""
+    bank = F.normalize(bank_x.float(), dim=1)  # [n, D]
+    k = min(k, len(bank))
+    correct = 0
+    for i in range(0, len(query_x), chunk):
+        q = F.normalize(query_x[i:i + chunk].float(), dim=1)  # [c, D]
+        sim, idx = (q @ bank.T).topk(k, dim=1)  # [c, k] cosine similarities and bank indices
+        votes = torch.zeros(len(q), n_classes, device=q.device)
+        votes.scatter_add_(1, bank_y[idx], (sim / temperature).exp())  # [c, C] weighted votes
+        correct += (votes.argmax(1) == query_y[i:i + chunk]).sum().item()
+    return correct / len(query_x)
+
+
 class OnlineKnn:
     """A fixed labelled bank (a stratified pick of the train split) and fixed queries (of the val/test
     split), evaluation crops decoded once; at each eval, mean-pooled final-normed features of the
@@ -472,7 +490,6 @@ class OnlineKnn:
         """{"knn_student", "knn_teacher", "knn_bank", "knn_queries", "knn_s"} (scores on rank 0 only)."""
         if self.sets is None:
             return None
-        import probe
         t0 = time.perf_counter()
         res = {}
         same = all(torch.equal(a, b) for a, b in zip(m.student.state_dict().values(), m.teacher.state_dict().values()))
@@ -488,7 +505,7 @@ class OnlineKnn:
             finally:
                 encoder.train(was_training)
             if self.rank == 0:
-                res[f"knn_{name}"] = probe.knn_top1(bx, by, qx, qy, self.n_classes, KNN_K, KNN_T)
+                res[f"knn_{name}"] = knn_top1(bx, by, qx, qy, self.n_classes, KNN_K, KNN_T)
         res.update(knn_bank=nb, knn_queries=nq, knn_s=round(time.perf_counter() - t0, 2))
         return res
 

@@ -2,7 +2,7 @@
 # mutation is applied, the tests that guard it run, the file is restored. Run: python results/mutation-check-curves.py
 import subprocess, sys, shutil
 M = [
- ("probe.py", "(q @ bank.T).topk(k, dim=1)", "(q @ bank.T).topk(k, dim=1, largest=False)", "knn_separates"),
+ ("train.py", "(q @ bank.T).topk(k, dim=1)", "(q @ bank.T).topk(k, dim=1, largest=False)", "knn_separates"),
  ("train.py", "                encoder.train(was_training)", "                pass", "online_knn_leaves"),
  ("train.py", "        t0 = time.perf_counter()\n        res = {}", "        t0 = time.perf_counter()\n        torch.rand(1)\n        res = {}", "online_knn_leaves"),
  ("masks.py", 'if context_keep == "first":', 'if False:', "context_keep_first"),
