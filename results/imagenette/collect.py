@@ -1,6 +1,7 @@
 """Copy what a finished (or partial) run of the ImageNette study leaves behind into results/imagenette/
 RUN/: log.jsonl thinned (every online kNN line, every 100th step's loss line, the last line), the
-snapshots' probe results (probe.jsonl) and the command. python results/imagenette/collect.py runs/in-*"""
+snapshots' probe results (probe.jsonl, and one probe-eE-labelsP.json per epoch and label fraction, the
+latest, for probe.py --table) and the config. python results/imagenette/collect.py runs/in-*"""
 import json
 import os
 import shutil
@@ -19,6 +20,14 @@ for run in sys.argv[1:]:
         f.writelines(json.dumps(r) + "\n" for r in keep)
     if os.path.exists(os.path.join(run, "probe.jsonl")):
         shutil.copy(os.path.join(run, "probe.jsonl"), os.path.join(dest, "probe.jsonl"))
+        latest = {}  # (epoch, label fraction) -> the last student, last-layer result
+        for line in open(os.path.join(run, "probe.jsonl")):
+            r = json.loads(line) if line.strip() else {}
+            if r.get("encoder") == "student" and r.get("last_layers") == 1:
+                latest[(round(r.get("epoch") or r["config"]["epochs"]), r["label_fraction"])] = r
+        for (epoch, fraction), r in latest.items():
+            with open(os.path.join(dest, f"probe-e{epoch}-labels{100 * fraction:g}.json"), "w") as f:
+                json.dump(r, f, indent=1)
     cfg = torch.load(os.path.join(run, "ckpt.pt"), map_location="cpu", weights_only=True, mmap=True)["config"]
     with open(os.path.join(dest, "config.json"), "w") as f:
         json.dump(cfg, f, indent=1)
