@@ -10,6 +10,8 @@ import sys
 import torch
 
 here = os.path.dirname(os.path.abspath(__file__))
+sys.path.insert(0, os.path.dirname(os.path.dirname(here)))  # the repository root: probe.py
+import probe  # noqa: E402
 for run in sys.argv[1:]:
     name = os.path.basename(os.path.normpath(run))
     dest = os.path.join(here, name)
@@ -21,10 +23,9 @@ for run in sys.argv[1:]:
     if os.path.exists(os.path.join(run, "probe.jsonl")):
         shutil.copy(os.path.join(run, "probe.jsonl"), os.path.join(dest, "probe.jsonl"))
         latest = {}  # (epoch, label fraction) -> the last student, last-layer result
-        for line in open(os.path.join(run, "probe.jsonl")):
-            r = json.loads(line) if line.strip() else {}
+        for r in probe.read_results_lines(os.path.join(run, "probe.jsonl")):
             if r.get("encoder") == "student" and r.get("last_layers") == 1:
-                latest[(round(r.get("epoch") or r["config"]["epochs"]), r["label_fraction"])] = r
+                latest[(round(probe.result_epoch(r)), r["label_fraction"])] = r
         for (epoch, fraction), r in latest.items():
             with open(os.path.join(dest, f"probe-e{epoch}-labels{100 * fraction:g}.json"), "w") as f:
                 json.dump(r, f, indent=1)
