@@ -18,7 +18,10 @@ data.py -- datasets and transforms, written with pillow only.
   the DataLoader workers as I-JEPA's) are pure functions of (seed, step), drawn for the global batch
   and sharded over processes: a batch is the same whatever the number of workers, after a resume, and
   on 1 or N processes.
+
+Run `python data.py --show-masks masks.png` to draw the masks (masks.py) on evaluation crops.
 """
+import argparse
 import errno
 import hashlib
 import http.client
@@ -526,3 +529,33 @@ def eval_images(dataset, indices, img_size):
     view = Augmented(dataset, img_size, train=False)
     images, labels, bad = collate([view[int(i)] for i in tqdm(indices, desc="knn images", unit="img", leave=False)])
     return images, labels, bad
+
+
+# ---------------------------------------------------------------------------------------------
+# Picture of the masks on real images: python data.py --show-masks masks.png
+# (here rather than in masks.py, which data.py imports: the imports go one way)
+# ---------------------------------------------------------------------------------------------
+def main(argv=None):
+    parser = argparse.ArgumentParser(description="Draw I-JEPA multi-block masks (masks.py) on example images.")
+    parser.add_argument("--show-masks", required=True, metavar="PNG", help="output PNG path")
+    parser.add_argument("--data", default="shapes", help="built-in dataset name or ImageFolder root")
+    parser.add_argument("--img", type=int, default=224)
+    parser.add_argument("--patch", type=int, default=16)
+    parser.add_argument("--n", type=int, default=8, help="number of examples")
+    parser.add_argument("--seed", type=int, default=0)
+    args = parser.parse_args(argv)
+    if args.img % args.patch:
+        raise SystemExit(f"error: image size {args.img} is not divisible by patch size {args.patch}")
+    dataset = build_dataset(args.data, "train", args.img)
+    g = torch.Generator().manual_seed(args.seed)
+    picks = torch.randperm(len(dataset), generator=g)[:args.n].tolist()
+    images = [center_crop_pil(dataset.load(i), args.img) for i in picks]
+    grid = args.img // args.patch
+    context, targets = masks.sample_masks(len(images), grid, grid, generator=g)  # [n, Nc], [n, 4, Nt]
+    masks.draw_masks(images, context, targets, grid).save(args.show_masks)
+    print(f"wrote {args.show_masks}: {len(images)} images, grid {grid}x{grid}, context {context.shape[1]} patches, "
+          f"targets {targets.shape[1]} x {targets.shape[2]} patches")
+
+
+if __name__ == "__main__":
+    main()

@@ -21,9 +21,10 @@ Departures from the reference code, both to remove a bias:
     targets near the bottom are then predicted from farther away (SPEC section 2, "context cut").
 Retries are bounded: a configuration that cannot leave `min_keep` context patches raises an error.
 
-Run `python masks.py --show masks.png` to draw examples.
+The picture (`draw_masks`) is drawn on real crops by `python data.py --show-masks masks.png`: data.py
+imports this file for the training collator, so the command lives there and masks.py imports nothing of
+the project.
 """
-import argparse
 import math
 
 import torch
@@ -100,7 +101,7 @@ def sample_masks(batch_size, grid_h, grid_w, generator=None, n_targets=4, target
 
 
 # ---------------------------------------------------------------------------------------------
-# Picture: python masks.py --show masks.png
+# Picture (the command is `python data.py --show-masks masks.png`)
 # ---------------------------------------------------------------------------------------------
 TARGET_COLOURS = [(230, 60, 60), (240, 200, 40), (60, 120, 230), (60, 190, 90), (180, 90, 210), (240, 140, 40)]
 
@@ -144,30 +145,3 @@ def draw_masks(images, context, targets, grid, cell=None):
         sheet.paste(tile, (pad + (k % ncol) * (size + pad), pad + 18 + (k // ncol) * (size + pad)))
     ImageDraw.Draw(sheet).text((pad, 3), "context = bright patches; 4 targets = coloured boxes", fill=(0, 0, 0))
     return sheet
-
-
-def main():
-    parser = argparse.ArgumentParser(description="Draw I-JEPA multi-block masks on example images.")
-    parser.add_argument("--show", required=True, help="output PNG path")
-    parser.add_argument("--data", default="shapes", help="built-in dataset name or ImageFolder root")
-    parser.add_argument("--img", type=int, default=224)
-    parser.add_argument("--patch", type=int, default=16)
-    parser.add_argument("--n", type=int, default=8, help="number of examples")
-    parser.add_argument("--seed", type=int, default=0)
-    args = parser.parse_args()
-    import data
-    if args.img % args.patch:
-        raise SystemExit(f"error: image size {args.img} is not divisible by patch size {args.patch}")
-    dataset = data.build_dataset(args.data, "train", args.img)
-    g = torch.Generator().manual_seed(args.seed)
-    picks = torch.randperm(len(dataset), generator=g)[:args.n].tolist()
-    images = [data.center_crop_pil(dataset.load(i), args.img) for i in picks]
-    grid = args.img // args.patch
-    context, targets = sample_masks(len(images), grid, grid, generator=g)
-    draw_masks(images, context, targets, grid).save(args.show)
-    print(f"wrote {args.show}: {len(images)} images, grid {grid}x{grid}, context {context.shape[1]} patches, "
-          f"targets {targets.shape[1]} x {targets.shape[2]} patches")
-
-
-if __name__ == "__main__":
-    main()
