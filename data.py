@@ -544,13 +544,16 @@ def main(argv=None):
     parser.add_argument("--n", type=int, default=8, help="number of examples")
     parser.add_argument("--seed", type=int, default=0)
     args = parser.parse_args(argv)
-    if args.img % args.patch:
-        raise SystemExit(f"error: image size {args.img} is not divisible by patch size {args.patch}")
+    try:
+        grid = masks.patch_grid(args.img, args.patch)
+    except ValueError as e:
+        raise SystemExit(f"error: {e}") from None
+    if args.n < 1:
+        raise SystemExit(f"error: --n must be >= 1, got {args.n}")
     dataset = build_dataset(args.data, "train", args.img)
     g = torch.Generator().manual_seed(args.seed)
     picks = torch.randperm(len(dataset), generator=g)[:args.n].tolist()
     images = [center_crop_pil(dataset.load(i), args.img) for i in picks]
-    grid = args.img // args.patch
     context, targets = masks.sample_masks(len(images), grid, grid, generator=g)  # [n, Nc], [n, 4, Nt]
     masks.draw_masks(images, context, targets, grid).save(args.show_masks)
     print(f"wrote {args.show_masks}: {len(images)} images, grid {grid}x{grid}, context {context.shape[1]} patches, "

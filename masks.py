@@ -54,6 +54,19 @@ def place_block(generator, h, w, grid_h, grid_w):
     return mask
 
 
+def patch_grid(img, patch):
+    """Side of the square patch grid of an img x img image cut into patch x patch tiles. The multi-block
+    masks need at least a 4x4 grid: on 2x2 and 3x3 every block is one patch and the context keeps a single
+    patch, on 1x1 no context is left at all. Anything else is a ValueError with a one-line reason (shared by
+    train.py's option check and data.py's picture)."""
+    if img <= 0 or patch <= 0 or img % patch:
+        raise ValueError(f"image size {img} is not divisible by patch size {patch}")
+    grid = img // patch
+    if grid < 4:
+        raise ValueError(f"image size {img} with patch {patch} leaves a {grid}x{grid} grid; need at least 4x4")
+    return grid
+
+
 def default_min_keep(grid_h, grid_w):
     """I-JEPA keeps at least 10 context patches on its 14x14 grid; scale that by the grid area."""
     return max(1, math.ceil(10 * grid_h * grid_w / 196))

@@ -286,6 +286,17 @@ def test_masks_picture(tmp_path):
     assert im.size[0] > 100 and im.mode == "RGB"
 
 
+@pytest.mark.parametrize("args, says", [(["--patch", "0"], "not divisible by patch size 0"),
+                                        (["--img", "32", "--patch", "5"], "not divisible by patch size 5"),
+                                        (["--img", "32", "--patch", "16"], "2x2 grid; need at least 4x4"),
+                                        (["--img", "32", "--patch", "4", "--n", "0"], "--n must be >= 1")])
+def test_masks_picture_bad_sizes_are_one_line(tmp_path, args, says):
+    out = tmp_path / "m.png"
+    r = run_cli("data.py", "--show-masks", str(out), *args)
+    assert r.returncode != 0 and not out.exists()
+    assert r.stderr.strip().splitlines() == [r.stderr.strip()] and says in r.stderr, r.stderr
+
+
 # ---------------------------------------------------------------------------------------------
 # noise.py
 # ---------------------------------------------------------------------------------------------

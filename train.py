@@ -161,11 +161,10 @@ def fill_derived(cfg):
 def check_config(cfg):
     if cfg.model not in PRESETS:
         raise ConfigError(f"unknown model {cfg.model!r}; choose one of {', '.join(PRESETS)}")
-    if cfg.img <= 0 or cfg.patch <= 0 or cfg.img % cfg.patch:
-        raise ConfigError(f"image size {cfg.img} is not divisible by patch size {cfg.patch}")
-    grid = cfg.img // cfg.patch
-    if grid < 4:
-        raise ConfigError(f"image size {cfg.img} with patch {cfg.patch} leaves a {grid}x{grid} grid; need at least 4x4")
+    try:
+        masks.patch_grid(cfg.img, cfg.patch)
+    except ValueError as e:
+        raise ConfigError(str(e)) from None
     for name in ("epochs", "batch", "pred_depth", "log_every"):
         if getattr(cfg, name) < 1:
             raise ConfigError(f"--{name.replace('_', '-')} must be >= 1, got {getattr(cfg, name)}")
