@@ -8,6 +8,7 @@ probe.py -- linear-probe evaluation of a pretrained encoder (paper Sec. 4.5, Sec
   python probe.py --table results/study/*.json               # the same table from saved results
   python probe.py --ckpt runs/x/ckpt-e*.pt --table           # snapshots of one run: a row per epoch
   python probe.py --curves runs/a-s? runs/b-s? --curves-out lc.png   # kNN and probe vs epochs, per arm
+                                                           # (and prints the kNN numbers, paired to I-JEPA)
   python probe.py --random-init --model vit_tiny --img 32 --patch 4 --data shapes   # baseline alone
   python probe.py --pixels --img 32 --data shapes            # raw pixels, for scale
   python probe.py --ckpt IN1K-vit.h.14-300e.pth.tar --data imagenette   # an official I-JEPA checkpoint
@@ -462,6 +463,18 @@ def arm_config(cfg):
     return vars(train.fill_derived(SimpleNamespace(**arm)))
 
 
+NOISE_OPTIONS = ("lambda1", "lambda2", "noise", "noise_dist", "cn_stopgrad", "sigma_max")  # what N-JEPA adds to I-JEPA
+
+
+def is_ijepa(arm):
+    return arm.get("lambda1") == 0 and arm.get("lambda2") == 0
+
+
+def ijepa_twin(arm, arms):
+    """The I-JEPA arm among `arms` that differs from `arm` in the noise options only: its paired reference."""
+    return next((a for a in arms if is_ijepa(a) and all(a.get(k) == arm.get(k) for k in arm if k not in NOISE_OPTIONS)), None)
+
+
 def result_epoch(r):
     """The epoch a probe result was taken at: recorded since snapshots exist, else the run's length."""
     e = r.get("epoch", r.get("config", {}).get("epochs"))
@@ -482,10 +495,9 @@ def table(results):
     for key, runs in groups.items():
         arm, probe_key = json.loads(key)
         by_seed = {r["config"].get("seed"): r for r in runs}
-        ref = next((g for k2, g in groups.items() if json.loads(k2)[1] == probe_key
-                    and json.loads(k2)[0].get("lambda1") == 0 and json.loads(k2)[0].get("lambda2") == 0
-                    and all(json.loads(k2)[0].get(k) == arm.get(k) for k in arm
-                            if k not in ("lambda1", "lambda2", "noise", "noise_dist", "cn_stopgrad", "sigma_max"))), None)
+        same_probe = {k2: g for k2, g in groups.items() if json.loads(k2)[1] == probe_key}
+        twin = ijepa_twin(arm, [json.loads(k2)[0] for k2 in same_probe])
+        ref = same_probe[json.dumps([twin, probe_key], sort_keys=True)] if twin is not None else None
         ref_by_seed = {r["config"].get("seed"): r for r in ref} if ref else {}
         diffs = [100 * (by_seed[s]["top1"] - ref_by_seed[s]["top1"]) for s in sorted(by_seed) if s in ref_by_seed]
         gains = [100 * r["gain"] for r in runs if "gain" in r]
@@ -560,6 +572,38 @@ def curve_bands(runs, column):
         for pt in points:
             by_epoch.setdefault(round(pt[0], 2), []).append(pt[column])
     return {e: (sum(v) / len(v), min(v), max(v), len(v)) for e, v in sorted(by_epoch.items())}
+
+
+def knn_curve_table(folders):
+    """The numbers behind the kNN panel, as a markdown table: per epoch and arm, the student's online kNN
+    top-1 (mean ± std over seeds) and, for an arm with an I-JEPA twin among the runs, its paired difference
+    to I-JEPA (the same seed's kNN at the same epoch): does the gap open, close or stay along the curve?"""
+    arms = {}  # arm config (JSON) -> {seed: {epoch: kNN student %}}
+    for f in folders:
+        cfg, knn, _ = run_points(f)
+        arms.setdefault(json.dumps(arm_config(cfg), sort_keys=True), {})[cfg.get("seed")] = {round(e, 2): s for e, s, _ in knn}
+    configs = [json.loads(k) for k in arms]
+    common = {k: v for k, v in configs[0].items() if all(c.get(k) == v for c in configs)} if configs else {}
+    fmt = lambda xs: "" if not xs else f"{mean_std(xs)[0]:.1f}" + (f" ± {mean_std(xs)[1]:.1f}" if len(xs) > 1 else "") + f" ({len(xs)})"
+    head, columns = ["epoch"], []  # columns: (arm seeds, I-JEPA twin seeds or None)
+    for cfg, seeds in zip(configs, arms.values()):
+        twin = ijepa_twin(cfg, configs) if not is_ijepa(cfg) else None
+        head.append(f"{arm_name(cfg, common)} kNN %")
+        columns.append((seeds, None))
+        if twin is not None:
+            head.append(f"{arm_name(cfg, common)} - {arm_name(twin, common)} (paired)")
+            columns.append((seeds, arms[json.dumps(twin, sort_keys=True)]))
+    epochs = sorted({e for seeds in arms.values() for points in seeds.values() for e in points})
+    rows = []
+    for e in epochs:
+        cells = [f"{e:g}"]
+        for seeds, ref in columns:
+            if ref is None:
+                cells.append(fmt([pts[e] for pts in seeds.values() if e in pts]))
+            else:
+                cells.append(fmt([pts[e] - ref[s][e] for s, pts in seeds.items() if e in pts and e in ref.get(s, {})]))
+        rows.append(cells)
+    return "\n".join(["| " + " | ".join(head) + " |", "|" + "---|" * len(head)] + ["| " + " | ".join(c) + " |" for c in rows])
 
 
 def draw_learning_curves(folders, path):
@@ -650,7 +694,8 @@ def parse_args(argv=None):
     a("--out", help="where probe.json and the feature cache go (default: the checkpoint's folder)")
     a("--table", nargs="*", help="print mean ± std by config: of the --ckpt runs, or of the given probe JSON files")
     a("--table-json", help="with --table: also write the table's rows to this JSON file")
-    a("--curves", nargs="+", metavar="RUN_DIR", help="draw kNN and probe against epochs of these runs (mean and band per arm) ...")
+    a("--curves", nargs="+", metavar="RUN_DIR", help="draw kNN and probe against epochs of these runs (mean and band per arm) and print "
+                                                              "the kNN numbers (mean ± std, paired difference to I-JEPA) ...")
     a("--curves-out", default="learning-curve.png", help="... into this PNG")
     a("--device", default="auto")
     a("--workers", type=int, default=0)
@@ -662,7 +707,8 @@ def main(argv=None):
         args = parse_args(argv)
         if args.curves:  # python probe.py --curves runs/in-*-s? --curves-out docs/learning-curve.png
             draw_learning_curves(args.curves, args.curves_out)
-            print(f"wrote {args.curves_out}: {len(args.curves)} runs")
+            print(f"wrote {args.curves_out}: {len(args.curves)} runs; the kNN panel's numbers (mean ± std (seeds)):")
+            print(knn_curve_table(args.curves))
             return 0
         if args.ckpt and len(args.ckpt) > 1 and args.out:
             raise ProbeError("--out with several --ckpt would mix their results; leave it out")

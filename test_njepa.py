@@ -1457,6 +1457,26 @@ def test_learning_curves_average_seeds_per_arm_and_draw(tmp_path):
     assert img.size == (920, 300 + 18 * 2 + 8)  # two panels, a legend line per arm (2 arms, not 4 runs)
 
 
+def test_knn_curve_table_pairs_seeds_not_positions(tmp_path):
+    """probe.py --curves prints the kNN panel's numbers: per epoch, each arm's mean ± std over seeds and
+    N-JEPA minus I-JEPA paired by seed. The N-JEPA folders come in another seed order than I-JEPA's, so
+    pairing by position gives another spread; an epoch one seed lacks is averaged over the others."""
+    knn = {("ij", 0): {0: 30, 5: 30}, ("ij", 1): {0: 30, 5: 32}, ("ij", 2): {0: 30, 5: 34},
+           ("nj", 2): {0: 30, 5: 37}, ("nj", 0): {0: 30, 5: 31}, ("nj", 1): {0: 30}}
+    folders = []
+    for (arm, seed), points in knn.items():
+        d = tmp_path / f"{arm}-s{seed}"
+        d.mkdir()
+        lam = 0.0 if arm == "ij" else 0.1
+        (d / "config.json").write_text(json.dumps(fake_result(seed, 0, 0, lambda1=lam, lambda2=lam, epochs=10)["config"]))
+        (d / "log.jsonl").write_text("".join(json.dumps({"step": 10 * e, "epoch": e, "knn_student": v / 100, "knn_teacher": 0.2}) + "\n"
+                                             for e, v in points.items()))
+        folders.append(str(d))
+    lines = probe.knn_curve_table(folders).splitlines()
+    assert lines[0] == "| epoch | I-JEPA kNN % | N-JEPA kNN % | N-JEPA - I-JEPA (paired) |"
+    assert lines[3] == "| 5 | 32.0 ± 2.0 (3) | 34.0 ± 4.2 (2) | 2.0 ± 1.4 (2) |"  # diffs +1 (seed 0), +3 (seed 2)
+
+
 def test_table_groups_by_config_and_pairs_seeds(tmp_path, capsys):
     """Mean ± std over seeds per arm, and the paired difference to I-JEPA with the same seed. Breaks if
     runs are grouped by seed or out folder, or if the difference is taken between unpaired means."""
