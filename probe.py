@@ -574,17 +574,33 @@ def curve_bands(runs, column):
     return {e: (sum(v) / len(v), min(v), max(v), len(v)) for e, v in sorted(by_epoch.items())}
 
 
-def knn_curve_table(folders):
-    """The numbers behind the kNN panel, as a markdown table: per epoch and arm, the student's online kNN
-    top-1 (mean ± std over seeds) and, for an arm with an I-JEPA twin among the runs, its paired difference
-    to I-JEPA (the same seed's kNN at the same epoch): does the gap open, close or stay along the curve?"""
-    arms = {}  # arm config (JSON) -> {seed: {epoch: kNN student %}}
-    for f in folders:
-        cfg, knn, _ = run_points(f)
-        arms.setdefault(json.dumps(arm_config(cfg), sort_keys=True), {})[cfg.get("seed")] = {round(e, 2): s for e, s, _ in knn}
+def group_by_arm(runs):
+    """Runs [(config, knn, probes)] grouped by arm config (JSON key, in first-seen order), and the
+    options all arms share (left out of the arms' names)."""
+    arms = {}
+    for run in runs:
+        arms.setdefault(json.dumps(arm_config(run[0]), sort_keys=True), []).append(run)
     configs = [json.loads(k) for k in arms]
     common = {k: v for k, v in configs[0].items() if all(c.get(k) == v for c in configs)} if configs else {}
-    fmt = lambda xs: "" if not xs else f"{mean_std(xs)[0]:.1f}" + (f" ± {mean_std(xs)[1]:.1f}" if len(xs) > 1 else "") + f" ({len(xs)})"
+    return arms, common
+
+
+def knn_curve_table(runs):
+    """The numbers behind the kNN panel, as a markdown table: per epoch and arm, the student's online kNN
+    top-1 (mean ± std over seeds) and, for an arm with an I-JEPA twin among the runs, its paired difference
+    to I-JEPA (the same seed's kNN at the same epoch): does the gap open, close or stay along the curve?
+    runs: [run_points(folder), ...]."""
+    grouped, common = group_by_arm(runs)
+    arms = {key: {cfg.get("seed"): {round(e, 2): s for e, s, _ in knn} for cfg, knn, _ in group}
+            for key, group in grouped.items()}  # arm -> {seed: {epoch: kNN student %}}
+    configs = [json.loads(k) for k in arms]
+
+    def fmt(xs):
+        if not xs:
+            return ""
+        m, sd = mean_std(xs)
+        return f"{m:.1f}" + (f" ± {sd:.1f}" if sd is not None else "") + f" ({len(xs)})"
+
     head, columns = ["epoch"], []  # columns: (arm seeds, I-JEPA twin seeds or None)
     for cfg, seeds in zip(configs, arms.values()):
         twin = ijepa_twin(cfg, configs) if not is_ijepa(cfg) else None
@@ -606,26 +622,22 @@ def knn_curve_table(folders):
     return "\n".join(["| " + " | ".join(head) + " |", "|" + "---|" * len(head)] + ["| " + " | ".join(c) + " |" for c in rows])
 
 
-def draw_learning_curves(folders, path):
+def draw_learning_curves(runs, path):
     """A PNG (pillow): left the online kNN top-1 of the student (thick) and teacher (thin), right the
     linear-probe top-1 of the snapshots, against epochs; one colour per arm, the mean over its seeds
     with a shaded band from the lowest to the highest seed; grey: the random-init level (kNN at step 0,
-    the probe's random-init twin), averaged over all runs."""
+    the probe's random-init twin), averaged over all runs. runs: [run_points(folder), ...]."""
     from PIL import Image, ImageDraw
-    runs = [(f, *run_points(f)) for f in folders]
-    arms = {}
-    for f, cfg, knn, probes in runs:
-        arms.setdefault(json.dumps(arm_config(cfg), sort_keys=True), []).append((knn, probes))
-    configs = [json.loads(k) for k in arms]
-    common = {k: v for k, v in configs[0].items() if all(c.get(k) == v for c in configs)} if configs else {}
+    arms, common = group_by_arm(runs)
     W, H, pad, legend = 460, 300, 44, 18 * len(arms) + 8
     sheet = Image.new("RGB", (2 * W, H + legend), "white")
-    panels = [("online kNN top-1 % (thick: student, thin: teacher)", [(1, 3), (2, 1)], 0), ("linear probe top-1 %", [(1, 3)], 1)]
+    # source: which list of a run (config, knn, probes) a panel draws
+    panels = [("online kNN top-1 % (thick: student, thin: teacher)", [(1, 3), (2, 1)], 1), ("linear probe top-1 %", [(1, 3)], 2)]
     for p, (title, columns, source) in enumerate(panels):
         series = [(j, col, width, curve_bands([r[source] for r in group], col))
                   for j, group in enumerate(arms.values()) for col, width in columns]
-        base = [r[2][0][1] for r in runs if source == 0 and r[2] and r[2][0][0] == 0] or \
-               [pt[2] for r in runs if source == 1 for pt in r[3]]
+        base = [r[1][0][1] for r in runs if source == 1 and r[1] and r[1][0][0] == 0] or \
+               [pt[2] for r in runs if source == 2 for pt in r[2]]
         values = [v for *_, bands in series for m, lo, hi, n in bands.values() for v in (lo, hi)] + base
         epochs = [e for *_, bands in series for e in bands]
         if len(epochs) < 1 or not values:
@@ -706,9 +718,10 @@ def main(argv=None):
     try:
         args = parse_args(argv)
         if args.curves:  # python probe.py --curves runs/in-*-s? --curves-out docs/learning-curve.png
-            draw_learning_curves(args.curves, args.curves_out)
-            print(f"wrote {args.curves_out}: {len(args.curves)} runs; the kNN panel's numbers (mean ± std (seeds)):")
-            print(knn_curve_table(args.curves))
+            runs = [run_points(f) for f in args.curves]  # read once: the picture and its numbers
+            draw_learning_curves(runs, args.curves_out)
+            print(f"wrote {args.curves_out}: {len(runs)} runs; the kNN panel's numbers (mean ± std (seeds)):")
+            print(knn_curve_table(runs))
             return 0
         if args.ckpt and len(args.ckpt) > 1 and args.out:
             raise ProbeError("--out with several --ckpt would mix their results; leave it out")

@@ -1472,7 +1472,7 @@ def test_knn_curve_table_pairs_seeds_not_positions(tmp_path):
         (d / "log.jsonl").write_text("".join(json.dumps({"step": 10 * e, "epoch": e, "knn_student": v / 100, "knn_teacher": 0.2}) + "\n"
                                              for e, v in points.items()))
         folders.append(str(d))
-    lines = probe.knn_curve_table(folders).splitlines()
+    lines = probe.knn_curve_table([probe.run_points(f) for f in folders]).splitlines()
     assert lines[0] == "| epoch | I-JEPA kNN % | N-JEPA kNN % | N-JEPA - I-JEPA (paired) |"
     assert lines[3] == "| 5 | 32.0 ± 2.0 (3) | 34.0 ± 4.2 (2) | 2.0 ± 1.4 (2) |"  # diffs +1 (seed 0), +3 (seed 2)
 
