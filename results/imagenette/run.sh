@@ -1,6 +1,6 @@
 #!/usr/bin/env bash
 # One run of the ImageNette learning-curve study (README "ImageNette learning curves"), started or
-# resumed: bash results/imagenette/run.sh ARM SEED [EPOCHS]   (ARM: ijepa, njepa, fixed, first)
+# resumed: bash results/imagenette/run.sh ARM SEED [EPOCHS]   (ARM: ijepa, njepa, fixed, first, lr3e-4, ema0.99)
 # Two at a time on 2 cores: prefix OMP_NUM_THREADS=1; alone, leave it out. A run killed (session end,
 # Ctrl-C) continues from its last checkpoint when the same line is run again.
 set -euo pipefail
@@ -8,6 +8,8 @@ arm=$1; seed=$2; epochs=${3:-100}
 case $arm in
   ijepa) flags="--lambda1 0 --lambda2 0" ;;                       # I-JEPA
   first) flags="--lambda1 0 --lambda2 0 --context-keep first" ;;  # I-JEPA with I-JEPA's own context cut
+  lr3e-4) flags="--lambda1 0 --lambda2 0 --lr 3e-4" ;;           # I-JEPA, peak lr 3e-4 (overrides the 1e-3 below)
+  ema0.99) flags="--lambda1 0 --lambda2 0 --ema 0.99" ;;          # I-JEPA, EMA momentum 0.99 at the start
   njepa) flags="" ;;                                              # N-JEPA, the paper's defaults
   fixed) flags="--noise-dist fixed" ;;                            # N-JEPA, sigma = 0.5
   *) echo "unknown arm $arm" >&2; exit 2 ;;
