@@ -1,6 +1,7 @@
 #!/usr/bin/env bash
 # One run of the ImageNette learning-curve study (README "ImageNette learning curves"), started or
-# resumed: bash results/imagenette/run.sh ARM SEED [EPOCHS]   (ARM: ijepa, njepa, fixed, first, lr3e-4, ema0.99)
+# resumed: bash results/imagenette/run.sh ARM SEED [EPOCHS]   (ARM: ijepa, njepa, fixed, first, lr3e-4, ema0.99,
+#   const-ijepa, const-njepa, none)
 # Two at a time on 2 cores: prefix OMP_NUM_THREADS=1; alone, leave it out. A run killed (session end,
 # Ctrl-C) continues from its last checkpoint when the same line is run again.
 set -euo pipefail
@@ -12,6 +13,9 @@ case $arm in
   ema0.99) flags="--lambda1 0 --lambda2 0 --ema 0.99" ;;          # I-JEPA, EMA momentum 0.99 at the start
   njepa) flags="" ;;                                              # N-JEPA, the paper's defaults
   fixed) flags="--noise-dist fixed" ;;                            # N-JEPA, sigma = 0.5
+  none) flags="--noise none" ;;                                   # N-JEPA's two predictors and three losses, zero noise
+  const-ijepa) flags="--lambda1 0 --lambda2 0 --lr-schedule constant" ;;  # I-JEPA, lr constant after warmup (Sec. 4.4)
+  const-njepa) flags="--lr-schedule constant" ;;                  # N-JEPA, lr constant after warmup (Sec. 4.4)
   *) echo "unknown arm $arm" >&2; exit 2 ;;
 esac
 out=runs/in-$arm$([ "$epochs" = 100 ] || echo "-${epochs}ep")-s$seed
