@@ -914,6 +914,49 @@ def test_training_loss_falls_and_writes_outputs(tmp_path):
     assert dist(t, init) > 0 and dist(t, s) < dist(init, s) and dist(t, s) > 0
 
 
+# Recorded on the code before the lean-core move (commit b3363c0, fp32, CPU): per step (loss, ct, nt, cn)
+# of 10 steps (2 epochs of 5) at seed 0. Any change to init, data order, crops, masks, noise, the
+# losses, the optimizer, the schedules or the EMA moves them (threads move them by ~1e-7 relative).
+TRAJECTORY = {
+    "njepa": [
+        (0.502041101, 0.449270755, 0.458549887, 0.069153808),
+        (0.491905093, 0.439852804, 0.45334053, 0.067182563),
+        (0.467556268, 0.4173657, 0.439725637, 0.062180251),
+        (0.438658297, 0.391138166, 0.420137912, 0.055063408),
+        (0.404049575, 0.358171105, 0.403208405, 0.055576142),
+        (0.369833946, 0.327091068, 0.372741789, 0.054686818),
+        (0.344125301, 0.304584831, 0.345850229, 0.049554508),
+        (0.316384107, 0.280149579, 0.317301661, 0.045043644),
+        (0.29484874, 0.257829756, 0.313505203, 0.056684505),
+        (0.28463468, 0.249617025, 0.296624333, 0.053552065),
+    ],
+    "ijepa": [
+        (0.449270755, 0.449270755, 0.0, 0.0),
+        (0.439843923, 0.439843923, 0.0, 0.0),
+        (0.417275667, 0.417275667, 0.0, 0.0),
+        (0.391083449, 0.391083449, 0.0, 0.0),
+        (0.357822329, 0.357822329, 0.0, 0.0),
+        (0.32677421, 0.32677421, 0.0, 0.0),
+        (0.304647207, 0.304647207, 0.0, 0.0),
+        (0.280170739, 0.280170739, 0.0, 0.0),
+        (0.257880539, 0.257880539, 0.0, 0.0),
+        (0.249948248, 0.249948248, 0.0, 0.0),
+    ],
+}
+
+
+@pytest.mark.parametrize("mode", ["njepa", "ijepa"])
+def test_trajectory_matches_the_recorded_losses(tmp_path, mode):
+    """Behaviour does not change: the same 10 steps give the same four losses as recorded (rel. 1e-5)."""
+    out = str(tmp_path / mode)
+    extra = ["--lambda1", "0", "--lambda2", "0"] if mode == "ijepa" else []
+    assert train.main(FAST + ["--epochs", "2", "--lr", "1e-3", "--warmup", "1", "--out", out] + extra) == 0
+    got = [(r["loss"], r["ct"], r["nt"], r["cn"]) for r in train.read_log(os.path.join(out, "log.jsonl")) if "loss" in r]
+    assert len(got) == len(TRAJECTORY[mode])
+    for step, (g, want) in enumerate(zip(got, TRAJECTORY[mode]), 1):
+        assert g == pytest.approx(want, rel=1e-5, abs=1e-9), f"step {step}: {g} != {want}"
+
+
 def test_loop_uses_scheduled_momentum_and_weight_decay_on_the_decay_group_only(tmp_path, monkeypatch):
     """Breaks if the loop passes a constant momentum to the EMA, or decays biases and norms."""
     seen = []
