@@ -29,11 +29,12 @@ def sample_sigma(shape, p_mean=P_MEAN, p_std=P_STD, generator=None, device=None)
 
 
 def sample_noise(batch_size, n_targets, n_tokens, dim, level="multi", dist="lognormal",
-                 generator=None, device=None, sigma_max=None):
+                 generator=None, device=None, sigma_max=None, p_mean=P_MEAN, p_std=P_STD):
     """Noise for the mask tokens' position embeddings: returns (noise [B, L, Nt, P], sigma [B, L]).
 
     level: "multi" (per block), "single" (per image, shared by its blocks), "none" (zeros).
     dist:  "lognormal" (EDM training sigmas) or "fixed" (sigma = sigma_data = 0.5, Alg. 1 line 12).
+    p_mean, p_std: the log-normal's parameters (Sec. 4.2: EDM's -1.2 / 1.2; `--p-mean --p-std`).
     sigma_max: clip sigma to at most this (None: no bound, the paper). An ablation (SPEC section 2,
         `--sigma-max`): the sin-cos position embedding has RMS 1/sqrt(2) = 0.71, and about 6 % of
         log-normal draws exceed sigma = 2, where the noise drowns the position entirely.
@@ -46,7 +47,7 @@ def sample_noise(batch_size, n_targets, n_tokens, dim, level="multi", dist="logn
         raise ValueError(f"unknown noise level {level!r}; choose multi, single or none")
     draws = L if level == "multi" else 1
     if dist == "lognormal":
-        sigma = sample_sigma((B, draws), generator=generator, device=device)  # [B, draws]
+        sigma = sample_sigma((B, draws), p_mean, p_std, generator=generator, device=device)  # [B, draws]
     elif dist == "fixed":
         sigma = torch.full((B, draws), SIGMA_DATA, device=device)
     else:
@@ -57,6 +58,65 @@ def sample_noise(batch_size, n_targets, n_tokens, dim, level="multi", dist="logn
     noise = sigma[:, :, None, None] * eps  # n = sigma * eps ~ N(0, sigma^2 I)  (Eq. 3)
     noise, sigma = noise.expand(B, L, n_tokens, dim), sigma.expand(B, L)  # single: shared by blocks
     return noise, sigma
+
+
+# ---------------------------------------------------------------------------------------------
+# How much of the position the noise hides (SPEC 2, "noise scale vs width")
+# ---------------------------------------------------------------------------------------------
+# The same sigma hides more at a narrow predictor. A noisy psi_i + sigma * eps lands nearer psi_j than
+# psi_i when eps's component along psi_j - psi_i (an N(0, 1) whatever the width) exceeds
+# |psi_j - psi_i| / (2 sigma), and that distance grows with sqrt(width) (each frequency adds its share).
+# So what the noise does is measured at the run's own width and grid, not read off sigma alone.
+def sigma_stats(dist="lognormal", p_mean=P_MEAN, p_std=P_STD, sigma_max=None):
+    """(median sigma, E[sigma^2]) of the noise levels, exact. Log-normal: median exp(p_mean), E[sigma^2]
+    = exp(2 p_mean + 2 p_std^2) (EDM's -1.2 / 1.2: 0.30 and 1.6); clipped at c = sigma_max:
+    E[min(sigma, c)^2] = exp(2 m + 2 s^2) Phi((ln c - m - 2 s^2) / s) + c^2 (1 - Phi((ln c - m) / s))."""
+    if dist == "fixed":
+        s = SIGMA_DATA if sigma_max is None else min(SIGMA_DATA, sigma_max)
+        return s, s * s
+    phi = lambda z: 0.5 * (1 + math.erf(z / math.sqrt(2)))
+    power = math.exp(2 * p_mean + 2 * p_std ** 2)
+    if sigma_max is None:
+        return math.exp(p_mean), power
+    if p_std == 0:
+        s = min(math.exp(p_mean), sigma_max)
+        return s, s * s
+    lc = math.log(sigma_max)
+    power = power * phi((lc - p_mean - 2 * p_std ** 2) / p_std) + sigma_max ** 2 * (1 - phi((lc - p_mean) / p_std))
+    return min(math.exp(p_mean), sigma_max), power
+
+
+@torch.no_grad()
+def placed_fraction(dim, grid, dist="lognormal", p_mean=P_MEAN, p_std=P_STD, sigma_max=None, draws=40_000, seed=0):
+    """The share of mask tokens whose noisy position embedding psi_i + sigma * eps (Eq. 3) is still
+    nearest (L2) to its own clean embedding psi_i among all grid x grid positions of the predictor's
+    sin-cos table (model.sincos_pos_embed_2d at width `dim`): 1.0 at sigma = 0, about 1 / grid^2 when
+    the noise drowns the position. Each draw: a uniform position, a sigma from the run's distribution
+    and eps ~ N(0, I). Its own generator: no training stream is touched. EDM's sigmas (Sec. 4.2):
+    0.75 at width 96 on 8x8 (vit_tiny 64/8), 0.86 at width 384 on 14x14 (the paper's ViT-B/16)."""
+    from model import sincos_pos_embed_2d
+    g = torch.Generator().manual_seed(seed)
+    pos = sincos_pos_embed_2d(dim, grid, grid).double()  # [N, P]
+    idx = torch.randint(0, len(pos), (draws,), generator=g)  # [M]
+    if dist == "fixed":
+        sigma = torch.full((draws,), SIGMA_DATA, dtype=torch.float64)
+    else:
+        sigma = sample_sigma((draws,), p_mean, p_std, generator=g).double()  # [M]
+    sigma = sigma.clamp(max=sigma_max) if sigma_max is not None else sigma
+    placed = 0
+    for i in range(0, draws, 4096):
+        j = idx[i:i + 4096]
+        noisy = pos[j] + sigma[i:i + 4096, None] * torch.randn(len(j), dim, generator=g, dtype=torch.float64)  # [m, P]
+        placed += (torch.cdist(noisy, pos).argmin(1) == j).sum().item()  # nearest clean position is its own
+    return placed / draws
+
+
+def describe(dim, grid, dist="lognormal", p_mean=P_MEAN, p_std=P_STD, sigma_max=None):
+    """The one line train.py prints at the start of an N-JEPA run."""
+    median, power = sigma_stats(dist, p_mean, p_std, sigma_max)
+    placed = placed_fraction(dim, grid, dist, p_mean, p_std, sigma_max)
+    return (f"noise: sigma median {median:.2f}, E[sigma^2] {power:.2g} against position-embedding power 0.5; "
+            f"{100 * placed:.0f} % of mask tokens still placed (width {dim}, {grid}x{grid} grid)")
 
 
 # ---------------------------------------------------------------------------------------------
@@ -120,9 +180,22 @@ def draw_noise(path, sigmas=(0.0, 0.1, 0.3, 1.0, 3.0), dim=384, grid=14, row=7, 
 
 if __name__ == "__main__":
     import argparse
-    p = argparse.ArgumentParser(description="Draw what EDM noise does to a position embedding (Eq. 3).")
-    p.add_argument("--show", required=True, help="output PNG path")
+    p = argparse.ArgumentParser(description="What EDM noise does to a position embedding (Eq. 3): a picture, or the share of "
+                                            "mask tokens still placed at a predictor width and grid.")
+    p.add_argument("--show", help="draw the picture into this PNG")
+    p.add_argument("--placed", action="store_true", help="print the share of mask tokens still nearest their own position")
+    p.add_argument("--dim", type=int, default=96, help="--placed: predictor width (vit_tiny 96, the paper's ViT-B 384)")
+    p.add_argument("--grid", type=int, default=8, help="--placed: patches per side (64 px / 8 = 8, the paper's 224 / 16 = 14)")
+    p.add_argument("--noise-dist", default="lognormal", choices=["lognormal", "fixed"])
+    p.add_argument("--p-mean", type=float, default=P_MEAN)
+    p.add_argument("--p-std", type=float, default=P_STD)
+    p.add_argument("--sigma-max", type=float)
     a = p.parse_args()
-    draw_noise(a.show)
-    print(f"wrote {a.show}: " + ", ".join(f"sigma {s:g}: cos to own position {float(position_similarity(s)[7, 4]):.2f}"
-                                           for s in (0.0, 0.1, 0.3, 1.0, 3.0)))
+    if not a.show and not a.placed:
+        p.error("give --show PNG or --placed")
+    if a.placed:
+        print(describe(a.dim, a.grid, a.noise_dist, a.p_mean, a.p_std, a.sigma_max))
+    if a.show:
+        draw_noise(a.show)
+        print(f"wrote {a.show}: " + ", ".join(f"sigma {s:g}: cos to own position {float(position_similarity(s)[7, 4]):.2f}"
+                                               for s in (0.0, 0.1, 0.3, 1.0, 3.0)))

@@ -439,7 +439,7 @@ def mean_std(xs):
 
 
 # The N-JEPA defaults of the switches an arm may change (train.OPTIONS); a name lists only departures.
-ARM_DEFAULTS = {"noise": "multi", "noise_dist": "lognormal", "cn_stopgrad": False, "sigma_max": None,
+ARM_DEFAULTS = {"noise": "multi", "noise_dist": "lognormal", "p_mean": -1.2, "p_std": 1.2, "cn_stopgrad": False, "sigma_max": None,
                 "share_predictor": False, "share_mask_token": False}
 
 
@@ -463,7 +463,7 @@ def arm_config(cfg):
     return vars(train.fill_derived(SimpleNamespace(**arm)))
 
 
-NOISE_OPTIONS = ("lambda1", "lambda2", "noise", "noise_dist", "cn_stopgrad", "sigma_max")  # what N-JEPA adds to I-JEPA
+NOISE_OPTIONS = ("lambda1", "lambda2", "noise", "noise_dist", "p_mean", "p_std", "cn_stopgrad", "sigma_max")  # what N-JEPA adds to I-JEPA
 
 
 def is_ijepa(arm):

@@ -336,6 +336,39 @@ def test_sigma_max_clips_the_levels_and_the_noise():
     assert n.flatten(2).std(-1)[big].mean().item() == pytest.approx(2.0, rel=0.02)
 
 
+def test_p_mean_and_p_std_reach_the_noise_of_a_run():
+    """--p-mean / --p-std shift and scale ln(sigma) of the same draws: sigma' = exp(p_mean' + p_std' xi),
+    so with the same step seed sigma' = exp(dp) * sigma when only p_mean moves. Breaks if step_noise
+    ignores the options (the default sigmas come back)."""
+    base = train.resolve_config(train.parse_args(["--epochs", "1"]))
+    moved = train.resolve_config(train.parse_args(["--epochs", "1", "--p-mean", "-1.76"]))
+    targets = torch.zeros(4, 4, 3, dtype=torch.long)
+    (_, s0), (n1, s1) = [train.step_noise(c, 7, 0, 1, targets, torch.device("cpu")) for c in (base, moved)]
+    assert torch.allclose(s1, s0 * math.exp(-1.76 + 1.2), rtol=1e-5)
+    wide = train.resolve_config(train.parse_args(["--epochs", "1", "--p-std", "0"]))
+    assert torch.allclose(train.step_noise(wide, 7, 0, 1, targets, torch.device("cpu"))[1], torch.tensor(math.exp(-1.2)))
+    assert moved.p_mean == -1.76 and base.p_mean == -1.2 and base.p_std == 1.2  # recorded in the checkpoint's config
+
+
+def test_placed_fraction_limits_and_the_paper_against_vit_tiny():
+    """The share of mask tokens whose noisy position embedding stays nearest its own: all of them at
+    sigma ~ 0, chance (1 / 64) when the noise drowns the position, and EDM's sigmas place 75 % at
+    width 96 on 8x8 (vit_tiny 64/8) against 86 % at the paper's 384 on 14x14 (issue 29, +-2 points)."""
+    assert noise.placed_fraction(96, 8, p_mean=-30, p_std=0, draws=4000) == 1.0
+    assert noise.placed_fraction(96, 8, p_mean=8, p_std=0, draws=20_000) == pytest.approx(1 / 64, abs=0.005)
+    assert noise.placed_fraction(96, 8) == pytest.approx(0.75, abs=0.02)
+    assert noise.placed_fraction(384, 14) == pytest.approx(0.86, abs=0.02)
+    assert noise.placed_fraction(96, 8, dist="fixed") == pytest.approx(0.70, abs=0.02)
+    assert noise.placed_fraction(96, 8, p_mean=-1.76) == pytest.approx(0.86, abs=0.02)  # the paper's share at our width
+    assert noise.placed_fraction(96, 8, sigma_max=0.1) > 0.99  # the clip reaches the measurement
+    assert noise.placed_fraction(96, 8, seed=3, draws=500) == noise.placed_fraction(96, 8, seed=3, draws=500)
+    median, power = noise.sigma_stats()
+    assert median == pytest.approx(math.exp(-1.2)) and power == pytest.approx(math.exp(-2.4 + 2.88))
+    s = noise.sample_sigma((1_000_000,), generator=torch.Generator().manual_seed(0)).clamp(max=2.0)
+    assert noise.sigma_stats(sigma_max=2.0)[1] == pytest.approx(s.pow(2).mean().item(), rel=0.01)
+    assert noise.sigma_stats("fixed") == (0.5, 0.25)
+
+
 # ---------------------------------------------------------------------------------------------
 # losses.py
 # ---------------------------------------------------------------------------------------------

@@ -63,6 +63,8 @@ OPTIONS = [
     ("lambda2",          0.1,        0.1,        float, "weight of L_CN (Eq. 10, Table 2)"),
     ("noise",            "multi",    "multi",    str,   "noise levels: multi (a draw per target block), single, none (Table 3, 5a)"),
     ("noise_dist",       "lognormal", "lognormal", str, "sigma: EDM log-normal, or fixed = sigma_data 0.5 (Sec. 4.2 / Alg. 1; SPEC 2)"),
+    ("p_mean",           -1.2,       -1.2,       float, "log-normal sigma: mean of ln(sigma) (Sec. 4.2: EDM's P_mean; SPEC 2, noise scale vs width)"),
+    ("p_std",            1.2,        1.2,        float, "log-normal sigma: std of ln(sigma) (Sec. 4.2: EDM's P_std)"),
     ("cn_stopgrad",      False,      False,      bool,  "detach the clean prediction in L_CN (ablation; Alg. 1 line 18 has none)"),
     ("sigma_max",        None,       None,       float, "clip sigma at this value (ablation; default no bound)"),
     ("pred_depth",       6,          6,          int,   "predictor depth (Sec. 4.2: 6)"),
@@ -179,6 +181,8 @@ def check_config(cfg):
         if getattr(cfg, name) is not None and getattr(cfg, name) < (0 if name == "eval_every" else 1):
             raise ConfigError(f"--{name.replace('_', '-')} must be >= {0 if name == 'eval_every' else 1}, got {getattr(cfg, name)}")
     snapshot_epochs(cfg.keep_every, cfg.epochs)  # raises on a bad --keep-every
+    if cfg.p_std < 0:
+        raise ConfigError(f"--p-std must be >= 0, got {cfg.p_std}")
     if cfg.sigma_max is not None and cfg.sigma_max <= 0:
         raise ConfigError(f"--sigma-max must be > 0, got {cfg.sigma_max}")
     pred_dim, heads = cfg.pred_dim or default_predictor_dim(PRESETS[cfg.model]["embed_dim"]), PRESETS[cfg.model]["num_heads"]
@@ -293,7 +297,7 @@ def step_noise(cfg, step, rank, world, targets, device):
     b, L, Nt = targets.shape
     g = torch.Generator(device=device).manual_seed(data.step_seed(cfg.seed, step, stream=4))
     noise, sigma = edm_noise.sample_noise(b * world, L, Nt, cfg.pred_dim, cfg.noise, cfg.noise_dist,
-                                          generator=g, device=device, sigma_max=cfg.sigma_max)
+                                          generator=g, device=device, sigma_max=cfg.sigma_max, p_mean=cfg.p_mean, p_std=cfg.p_std)
     rows = slice(rank * b, (rank + 1) * b)
     return noise[rows], sigma[rows]
 
@@ -634,6 +638,8 @@ class Log:
               f"{n_params:.1f}M trainable params | device {device} {cfg.precision} | out {cfg.out}" +
               (f" | from {cfg.init_from}" if cfg.init_from else "") +
               (f" | resumed at step {self.resumed_at}" if self.resumed_at is not None else ""), flush=True)
+        if cfg.use_n and cfg.noise != "none":  # what the noise hides at this width (its own generator: the run is unchanged)
+            print(edm_noise.describe(cfg.pred_dim, cfg.img // cfg.patch, cfg.noise_dist, cfg.p_mean, cfg.p_std, cfg.sigma_max), flush=True)
 
     def step(self, step, loss, parts, target, sigma, context, targets, lr, wd, mom, bad, n_images):
         self.bar.update(1)

@@ -1,7 +1,7 @@
 #!/usr/bin/env bash
 # One run of the ImageNette learning-curve study (README "ImageNette learning curves"), started or
 # resumed: bash results/imagenette/run.sh ARM SEED [EPOCHS]   (ARM: ijepa, njepa, fixed, first, lr3e-4, ema0.99,
-#   const-ijepa, const-njepa, none)
+#   const-ijepa, const-njepa, none, pmean-1.76)
 # Two at a time on 2 cores: prefix OMP_NUM_THREADS=1; alone, leave it out. A run killed (session end,
 # Ctrl-C) continues from its last checkpoint when the same line is run again.
 set -euo pipefail
@@ -14,6 +14,7 @@ case $arm in
   njepa) flags="" ;;                                              # N-JEPA, the paper's defaults
   fixed) flags="--noise-dist fixed" ;;                            # N-JEPA, sigma = 0.5
   none) flags="--noise none" ;;                                   # N-JEPA's two predictors and three losses, zero noise
+  pmean-1.76) flags="--p-mean -1.76" ;;                          # N-JEPA, sigma scaled to the paper's placed share (86 %)
   const-ijepa) flags="--lambda1 0 --lambda2 0 --lr-schedule constant" ;;  # I-JEPA, lr constant after warmup (Sec. 4.4)
   const-njepa) flags="--lr-schedule constant" ;;                  # N-JEPA, lr constant after warmup (Sec. 4.4)
   *) echo "unknown arm $arm" >&2; exit 2 ;;
