@@ -13,6 +13,7 @@ import socket
 import subprocess
 import sys
 import time
+from types import SimpleNamespace
 
 import numpy as np
 import pytest
@@ -988,6 +989,63 @@ def test_trajectory_matches_the_recorded_losses(tmp_path, mode):
     assert len(got) == len(TRAJECTORY[mode])
     for step, (g, want) in enumerate(zip(got, TRAJECTORY[mode]), 1):
         assert g == pytest.approx(want, rel=1e-5, abs=1e-9), f"step {step}: {g} != {want}"
+
+
+def test_targets_are_layer_normed_per_token_even_with_a_trained_final_norm():
+    """I-JEPA regresses onto F.layer_norm(teacher(x)): mean 0, std 1 over features for every token.
+    At initialisation the encoder's own final LayerNorm (unit weight, zero bias) already gives that,
+    so the teacher's `norm` gets the affine it drifts to in training (weight ~ 1.5 +- 0.5, bias ~ 0.3);
+    without the extra layer norm the targets then keep that scale and offset."""
+    cfg = train.resolve_config(train.parse_args(["--img", "32", "--patch", "8", "--pred-depth", "1"]))
+    torch.manual_seed(0)
+    m = train.build_models(cfg)
+    with torch.no_grad():
+        m.teacher.norm.weight.copy_(1.5 + 0.5 * torch.randn_like(m.teacher.norm.weight))
+        m.teacher.norm.bias.copy_(0.3 + 0.3 * torch.randn_like(m.teacher.norm.bias))
+    context, targets = masks.sample_masks(2, 4, 4, generator=torch.Generator().manual_seed(0))
+    images = torch.randn(2, 3, 32, 32)
+    noise, _ = train.step_noise(cfg, 0, 0, 1, targets, torch.device("cpu"))
+    _, _, target = train.forward_losses(cfg, images, context, targets, noise, m.student, m.teacher, m.pred_c, m.pred_n)
+    assert target.mean(-1).abs().max() < 1e-5
+    assert torch.allclose(target.var(-1, unbiased=False), torch.ones(target.shape[:-1]), atol=1e-3)
+
+
+def test_loop_steps_the_optimizer_then_updates_the_teacher_with_the_new_student(tmp_path):
+    """Alg. 1 lines 20-21: the AdamW step, then theta_bar <- q theta_bar + (1 - q) theta with the
+    *updated* student. After one step of the loop, from theta_bar_0 = theta_0, the teacher must be
+    q_0 theta_0 + (1 - q_0) theta_1. The EMA before the step would leave the teacher at theta_0."""
+    out = str(tmp_path / "one")
+    assert train.main(FAST + ["--epochs", "2", "--max-steps", "1", "--lr", "1e-3", "--out", out]) == 0
+    ckpt = torch.load(os.path.join(out, "ckpt.pt"), weights_only=True)
+    cfg = SimpleNamespace(**ckpt["config"])
+    q = train.momentum_at(0, cfg, cfg.ipe)
+    init = probe.random_encoder("vit_tiny", 32, 8, 0).state_dict()  # theta_0 = theta_bar_0 (Alg. 1 line 4)
+    moved = 0.0
+    for k, t in ckpt["teacher"].items():
+        if t.is_floating_point() and k != "pos_embed":
+            want = q * init[k] + (1 - q) * ckpt["student"][k]
+            assert torch.allclose(t, want, atol=1e-7, rtol=1e-6), k
+            moved = max(moved, (t - init[k]).abs().max().item())
+    assert moved > 0  # the teacher did move off theta_0
+
+
+def test_probe_evaluates_the_student_of_an_njepa_checkpoint_by_default(tmp_path):
+    """Sec. 4.5: "we employ the student encoder" (SPEC 2, eval encoder); --encoder teacher switches.
+    The checkpoint's student and teacher differ, so the loaded weights tell which one was taken.
+    (An official I-JEPA checkpoint's default, its target encoder, is pinned in the I-JEPA test.)"""
+    out = str(tmp_path / "run")
+    assert train.main(FAST + ["--epochs", "1", "--max-steps", "2", "--lr", "1e-3", "--out", out]) == 0
+    path = os.path.join(out, "ckpt.pt")
+    ckpt = torch.load(path, weights_only=True)
+    args = probe.parse_args(["--ckpt", path])
+    args.ckpt = path
+    enc, info = probe.load_encoder(args)
+    assert info["name"] == "student"
+    same = lambda net, state: all(torch.equal(v, state[k]) for k, v in net.state_dict().items())
+    assert same(enc, ckpt["student"]) and not same(enc, ckpt["teacher"])
+    args.encoder = "teacher"
+    enc, info = probe.load_encoder(args)
+    assert info["name"] == "teacher" and same(enc, ckpt["teacher"])
 
 
 def test_loop_uses_scheduled_momentum_and_weight_decay_on_the_decay_group_only(tmp_path, monkeypatch):
