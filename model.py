@@ -7,12 +7,15 @@ facebookresearch/ijepa), which the paper builds on, and keeps its parameter name
 (`patch_embed.proj`, `pos_embed`, `blocks.{i}.attn.qkv`, ..., `predictor_embed`, `mask_token`,
 `predictor_blocks`, `predictor_norm`, `predictor_proj`) so that I-JEPA checkpoints load.
 
-Also: the FLOPs of a training step (for MFU) and loading official I-JEPA checkpoints.
+Also what train.py, probe.py and tools/ all need of a model and not of each other: the FLOPs of a
+training step (for MFU), checkpoints (atomic write, weights-only read, njepa's and official I-JEPA's)
+and the precision a model runs in (bf16 autocast or fp32).
 
 Shapes: B images, N patches per image, D encoder width, P predictor width,
 L target blocks per image, Nc context patches, Nt patches per target block.
 """
 import math
+import os
 
 import numpy as np
 import torch
@@ -313,3 +316,104 @@ def infer_architecture(state):
             return name, side * p, p
     raise ValueError(f"an encoder of width {D}, depth {depth}, MLP {hidden}, {n_pos} positions fits no preset "
                      f"({', '.join(PRESETS)})")
+
+
+# ---------------------------------------------------------------------------------------------
+# Checkpoints: atomic write, weights_only read. Here, below train.py (which writes them), probe.py and
+# tools/ (which read them), so that none of those has to import another to open a run.
+# ---------------------------------------------------------------------------------------------
+class CheckpointError(ValueError):
+    """A checkpoint that is missing, unreadable or of the wrong kind; printed as one line."""
+
+
+def save_checkpoint(state, path):
+    """Write to a temp file in the same folder, fsync, then rename over `path`: a crash or a full disk
+    mid-write leaves the previous checkpoint intact."""
+    tmp = f"{path}.tmp.{os.getpid()}"
+    try:
+        with open(tmp, "wb") as f:
+            torch.save(state, f)
+            f.flush()
+            os.fsync(f.fileno())
+        os.replace(tmp, path)
+    finally:
+        if os.path.exists(tmp):
+            os.remove(tmp)
+
+
+def read_checkpoint(path):
+    """torch.load with weights_only=True (tensors and plain containers, never code from the file),
+    memory-mapped, so that the optimizer state inside a released multi-GB checkpoint is never read."""
+    try:
+        try:
+            return torch.load(path, map_location="cpu", weights_only=True, mmap=True)
+        except RuntimeError as e:  # a file in the legacy (not zip) format cannot be mapped
+            if "mmap" not in str(e):
+                raise
+            return torch.load(path, map_location="cpu", weights_only=True)
+    except FileNotFoundError:
+        raise CheckpointError(f"no checkpoint at {path}") from None
+    except Exception as e:
+        raise CheckpointError(f"cannot read checkpoint {path}: {type(e).__name__}: {str(e).splitlines()[0][:200]}") from None
+
+
+def load_checkpoint(path):
+    ckpt = read_checkpoint(path)
+    if not isinstance(ckpt, dict) or ckpt.get("format") != "njepa-1":
+        raise CheckpointError(f"{path} is not an njepa checkpoint")
+    return ckpt
+
+
+def checkpoint_states(path):
+    """(encoder, target encoder, predictor) state dicts of an I-JEPA or njepa checkpoint."""
+    ckpt = read_checkpoint(path)
+    if is_ijepa_checkpoint(ckpt):
+        return [ijepa_state(ckpt, k) for k in ("encoder", "target_encoder", "predictor")]
+    if isinstance(ckpt, dict) and ckpt.get("format") == "njepa-1":
+        return [ckpt["student"], ckpt["teacher"], ckpt["pred_c"]]
+    raise CheckpointError(f"{path} is neither an I-JEPA checkpoint (encoder / predictor / target_encoder) nor an njepa one")
+
+
+def architecture_of(path):
+    """--init-from without --model/--img/--patch/--pred-depth/--pred-dim: read them off the weights."""
+    student, _, pred = checkpoint_states(path)
+    try:
+        model, img, patch = infer_architecture(student)
+    except ValueError as e:
+        raise CheckpointError(f"{path}: {e}") from None
+    pred_depth = 1 + max((int(k.split(".")[1]) for k in pred if k.startswith("predictor_blocks.")), default=-1)
+    return dict(model=model, img=img, patch=patch, pred_depth=pred_depth, pred_dim=pred["predictor_embed.weight"].shape[0])
+
+
+# ---------------------------------------------------------------------------------------------
+# Precision: what a model runs in (train.py's --precision, probe.py's features, tools/bench.py)
+# ---------------------------------------------------------------------------------------------
+def cpu_has_amx():
+    """Intel AMX (bf16 tile matmuls): torch's own check, else the kernel's CPU flags."""
+    try:
+        return bool(torch.cpu._is_amx_tile_supported())
+    except AttributeError:
+        try:
+            return " amx_bf16" in open("/proc/cpuinfo").read()
+        except OSError:
+            return False
+
+
+def resolve_precision(precision, device):
+    """--precision auto: bf16 autocast on CUDA, and on a CPU with AMX (measured with --bench on a Xeon
+    with AMX, vit_tiny 64/8 batch 64: 1.59x I-JEPA, 1.49x N-JEPA, README "Speed"); fp32 elsewhere (an
+    EPYC with avx512_bf16 and no AMX measured 0.96-1.42x, and CPU bf16 attention is slow, see model.py)."""
+    if precision != "auto":
+        return precision
+    return "bf16" if device.type == "cuda" or cpu_has_amx() else "fp32"
+
+
+def autocast_for(device, precision=None):
+    """bf16 autocast (losses in fp32, see losses.py) or plain fp32; precision None: bf16 on CUDA, fp32
+    on CPU (probe.py's features). On CUDA also turns off cuDNN's attention: it builds a new plan for
+    every new sequence length (1-2 ms of CPU per call, measured on an H200), and the context length
+    changes every step; flash attention does not."""
+    if device.type == "cuda":
+        torch.backends.cuda.enable_cudnn_sdp(False)
+    bf16 = precision == "bf16" if precision is not None else device.type == "cuda"
+    return torch.autocast(device.type, dtype=torch.bfloat16, enabled=bf16)

@@ -4,11 +4,7 @@ probe.py -- linear-probe evaluation of a pretrained encoder (paper Sec. 4.5, Sec
   python probe.py --ckpt out/ckpt.pt                         # pretrained vs random init, one line
   python probe.py --ckpt out/ckpt.pt --label-fraction 0.1    # low-shot (Table 6b), stratified per class
   python probe.py --ckpt out/ckpt.pt --last-layers 4         # concat of the last 4 blocks (Table 6b)
-  python probe.py --ckpt runs/*/ckpt.pt --table              # many runs -> mean ± std table by config
-  python probe.py --table results/study/*.json               # the same table from saved results
-  python probe.py --ckpt runs/x/ckpt-e*.pt --table           # snapshots of one run: a row per epoch
-  python probe.py --curves runs/a-s? runs/b-s? --curves-out lc.png   # kNN and probe vs epochs, per arm
-                                                           # (and prints the kNN numbers, paired to I-JEPA)
+  python probe.py --ckpt runs/*/ckpt.pt                      # many runs, one by one (tables: tools/report.py)
   python probe.py --random-init --model vit_tiny --img 32 --patch 4 --data shapes   # baseline alone
   python probe.py --pixels --img 32 --data shapes            # raw pixels, for scale
   python probe.py --ckpt IN1K-vit.h.14-300e.pth.tar --data imagenette   # an official I-JEPA checkpoint
@@ -30,25 +26,28 @@ Protocol:
   * with --ckpt, the same probe also runs on the randomly initialised encoder of the same run (the
     student at step 0: same architecture, same seed), so the gain from pretraining is printed next to
     it: `probe | pretrained 31.2 % | random init 20.8 % | +10.4`.
-  * results: a fixed-width line, OUT/probe.json (latest) and OUT/probe.jsonl (all).
+  * results: a fixed-width line, OUT/probe.json (latest) and OUT/probe.jsonl (all); tables and curves
+    across runs are tools/report.py's.
+
+Also the evaluation that runs during training (train.py imports it): the online weighted kNN of the
+student and the teacher (`OnlineKnn`, `knn_top1`, the eval-cost rule) and the collapse signal
+(`feature_std`, `COLLAPSE_STD`).
 """
 import argparse
-import glob
 import hashlib
 import json
 import math
 import os
 import sys
 import time
-from types import SimpleNamespace
 
 import torch
+import torch.distributed as dist
 import torch.nn.functional as F
 from tqdm import tqdm
 
 import data
 import model as model_lib
-import train
 from model import vit
 
 L2_GRID = (1e-1, 1e-2, 1e-3, 1e-4, 1e-5, 1e-6, 1e-7)  # strongest first: each fit warm-starts the next (SPEC: down to ~1e-6)
@@ -79,7 +78,7 @@ def extract_features(encoder, dataset, img_size, last_layers, device, batch=256,
     loader = torch.utils.data.DataLoader(data.Augmented(dataset, img_size, train=False), batch_size=batch,
                                          num_workers=workers, collate_fn=data.collate)
     feats, labels, bad = [], [], []
-    autocast = train.autocast_for(device)
+    autocast = model_lib.autocast_for(device)
     for images, y, skipped in tqdm(loader, desc="features", unit="batch", leave=False):
         x = data.normalize(images.to(device))
         if encoder is None:
@@ -290,7 +289,7 @@ def load_encoder(args):
     model, img, patch, data, the run's config (or {}), the cache folder and a cache id. --ckpt takes an
     njepa checkpoint or an official I-JEPA one (.pth.tar: encoder / predictor / target_encoder)."""
     if args.ckpt:
-        raw = train.read_checkpoint(args.ckpt)
+        raw = model_lib.read_checkpoint(args.ckpt)
         out = args.out or os.path.dirname(os.path.abspath(args.ckpt))
         if model_lib.is_ijepa_checkpoint(raw):
             # I-JEPA evaluated its target encoder (I-JEPA paper, App. A.1); "student" = "encoder"
@@ -375,13 +374,13 @@ def evaluate(encoder, info, args, device):
 def train_stats(ckpt_path, step=None):
     """Collapse signal, length and wall time of the run behind a checkpoint up to its `step`, from the
     run's log.jsonl (if present): a snapshot gets the figures of its own point of the run."""
-    recs = [r for r in train.read_log(os.path.join(os.path.dirname(os.path.abspath(ckpt_path)), "log.jsonl"))
+    recs = [r for r in read_log(os.path.join(os.path.dirname(os.path.abspath(ckpt_path)), "log.jsonl"))
             if "loss" in r and (step is None or r["step"] <= step)]
     stds = [r["teacher_std"] for r in recs if r.get("teacher_std") is not None]
     if not stds:
         return {}
     return {"steps": recs[-1]["step"], "final_loss": recs[-1]["loss"], "final_teacher_std": stds[-1],
-            "min_teacher_std": min(stds), "collapsed": stds[-1] < train.COLLAPSE_STD, "wall_s": recs[-1].get("wall_s")}
+            "min_teacher_std": min(stds), "collapsed": stds[-1] < COLLAPSE_STD, "wall_s": recs[-1].get("wall_s")}
 
 
 def run(args, ckpt=None):
@@ -425,257 +424,138 @@ def run(args, ckpt=None):
 
 
 # ---------------------------------------------------------------------------------------------
-# Tables: runs grouped by config, mean ± std over pretraining seeds, paired differences to I-JEPA
+# During training: the online kNN curve (SPEC 2, "quality curve") and the collapse signal. train.py
+# imports these; they read the encoders and never change the run.
 # ---------------------------------------------------------------------------------------------
-# Config entries that do not define an arm: the seed pairs runs, the rest is bookkeeping.
-NOT_ARM = {"seed", "out", "device", "compile", "workers", "log_every", "max_steps", "classes", "init_from", "eval_every",
-           "knn_bank", "knn_queries", "keep_every", "precision"}  # precision: how, not what (like device, compile)
+KNN_K, KNN_T = 20, 0.07  # online kNN: DINO's eval_knn (k = 20, temperature 0.07)
+# Cost of one eval image (the student's and the teacher's forward pass) in training images: a forward
+# ran at 565 img/s where a training step ran at 217 img/s (vit_tiny, 64 tokens, bf16, 2 cores), 2 x 0.38.
+KNN_COST = 0.77
+# Collapse alarm: teacher_std (see feature_std) starts near 0.4-0.5 and stays there in a healthy run;
+# a collapsed run falls towards 0. Measured: N-JEPA, vit_tiny, CIFAR-10 subset, lr 1e-3: 0.43 -> 0.04.
+COLLAPSE_STD = 0.1
 
 
-def mean_std(xs):
-    """Mean and sample std (n - 1) of a list; std None for one value (a spread needs two)."""
-    m = sum(xs) / len(xs)
-    return m, (math.sqrt(sum((x - m) ** 2 for x in xs) / (len(xs) - 1)) if len(xs) > 1 else None)
+def feature_std(h):
+    """The collapse signal: std over tokens of each feature of h [..., D], averaged over features.
+    0 when every token has the same features (a collapsed teacher); about 0.4-0.8 in a healthy run."""
+    return h.float().flatten(0, -2).std(0).mean()
 
 
-# The N-JEPA defaults of the switches an arm may change (train.OPTIONS); a name lists only departures.
-ARM_DEFAULTS = {"noise": "multi", "noise_dist": "lognormal", "p_mean": -1.2, "p_std": 1.2, "cn_stopgrad": False, "sigma_max": None,
-                "share_predictor": False, "share_mask_token": False}
+def default_eval_every(epochs, n_train, n_eval, master=True):
+    """The smallest E whose evals (half a one at step 0, where the teacher is the student, then one every
+    E epochs and one at the end) cost <= 10 % of the training, in training images: (0.5 + ceil(epochs / E))
+    * KNN_COST * n_eval <= 0.1 * epochs * n_train. A run too short for even E = epochs keeps its start
+    and end points and is told what they cost."""
+    cost = lambda e: (0.5 + math.ceil(epochs / e)) * KNN_COST * n_eval
+    for e in range(1, epochs + 1):
+        if cost(e) <= 0.1 * epochs * n_train:
+            return e
+    if master:
+        print(f"notice: the online kNN at the start and end of this short run costs about {100 * cost(epochs) / (epochs * n_train):.0f} % "
+              f"of its training time (--eval-every 0 turns it off; --knn-bank / --knn-queries shrink it)", flush=True)
+    return epochs
 
 
-def arm_name(cfg, common):
-    """A short name for a config: the method, plus the options that differ from the other arms and
-    from the N-JEPA defaults (e.g. "N-JEPA noise=none"); I-JEPA ignores the noise options."""
-    ijepa = cfg.get("lambda1") == 0 and cfg.get("lambda2") == 0
-    extra = [f"{k}={cfg[k]}" for k in sorted(cfg) if k not in common and k not in ("lambda1", "lambda2")
-             and not (k in ARM_DEFAULTS and (ijepa or cfg[k] == ARM_DEFAULTS[k]))]
-    if not ijepa and (cfg.get("lambda1"), cfg.get("lambda2")) != (0.1, 0.1):
-        extra.insert(0, f"lambda={cfg.get('lambda1')}/{cfg.get('lambda2')}")
-    return " ".join(["I-JEPA" if ijepa else "N-JEPA"] + extra)
+@torch.no_grad()
+def knn_top1(bank_x, bank_y, query_x, query_y, n_classes, k=20, temperature=0.07, chunk=1024):
+    """Weighted k-nearest-neighbour top-1 (DINO's `eval_knn`, Caron et al. 2021, Sec. 4.1 / their
+    knn_classifier): features L2-normalised, the k most cosine-similar bank samples vote for their
+    class with weight exp(similarity / T). Used by the online curve (--eval-every); deterministic
+    (ties of topk are broken by index, no sampling). bank_x [n, D], query_x [m, D]; returns a float."""
+    bank = F.normalize(bank_x.float(), dim=1)  # [n, D]
+    k = min(k, len(bank))
+    correct = 0
+    for i in range(0, len(query_x), chunk):
+        q = F.normalize(query_x[i:i + chunk].float(), dim=1)  # [c, D]
+        sim, idx = (q @ bank.T).topk(k, dim=1)  # [c, k] cosine similarities and bank indices
+        votes = torch.zeros(len(q), n_classes, device=q.device)
+        votes.scatter_add_(1, bank_y[idx], (sim / temperature).exp())  # [c, C] weighted votes
+        correct += (votes.argmax(1) == query_y[i:i + chunk]).sum().item()
+    return correct / len(query_x)
 
 
-def arm_config(cfg):
-    """The options that define an arm, with today's defaults filled in for options a run predates and
-    the derived width resolved, so that runs of older code group with their peers."""
-    if not cfg:
-        return {}
-    arm = {name: cfg.get(name, small) for name, _, small, _, _ in train.OPTIONS if name not in NOT_ARM}
-    return vars(train.fill_derived(SimpleNamespace(**arm)))
+class OnlineKnn:
+    """A fixed labelled bank (a stratified pick of the train split) and fixed queries (of the val/test
+    split), evaluation crops decoded once; at each eval, mean-pooled final-normed features of the
+    student and the teacher (eval mode, no_grad, the training precision) and DINO's weighted kNN top-1.
+    It never changes the run: the picks use their own generator, no training generator is drawn from,
+    and every module gets back the train/eval mode it had. Under DDP each rank encodes its shard
+    (every world-th sample) and rank 0 scores the gathered features."""
+
+    def __init__(self, cfg, train_set, rank, world, device, master):
+        self.cfg, self.rank, self.world, self.device, self.sets = cfg, rank, world, device, None
+        try:
+            test_set = data.build_dataset(cfg.data, "test", cfg.img)
+        except data.DataError as e:
+            if master:
+                print(f"notice: no online kNN ({e})", flush=True)
+            return
+        self.sets = []
+        for ds, cap in ((train_set, cfg.knn_bank), (test_set, cfg.knn_queries)):
+            picked = data.stratified_pick(ds.labels, cap, seed=0)  # the same picks in every run, whatever its seed
+            images, labels, bad = data.eval_images(ds, picked[rank::world], cfg.img)  # this rank's shard
+            if bad and master:
+                print(f"warning: online kNN skipped {len(bad)} unreadable image(s), e.g. {', '.join(bad[:3])}", file=sys.stderr)
+            self.sets.append((images, labels, len(picked)))
+        self.n_classes = len(train_set.classes)
+        if cfg.eval_every is None:  # default: the most often that keeps the evals at <= 10 % of the training time
+            cfg.eval_every = default_eval_every(cfg.epochs, len(train_set), sum(n for *_, n in self.sets), master)
+
+    def due(self, step, ipe):
+        """At the end of every eval_every-th epoch and of the whole run."""
+        return self.sets is not None and step % ipe == 0 and (step // ipe % self.cfg.eval_every == 0 or step == self.cfg.epochs * ipe)
+
+    @torch.no_grad()
+    def features(self, encoder, images, autocast, batch=256):
+        """[n, D] mean over patch tokens of the final-normed output, as probe.py and Sec. 4.5."""
+        out = []
+        for i in range(0, len(images), batch):
+            x = data.normalize(images[i:i + batch].to(self.device))
+            with autocast:
+                out.append(encoder(x).float().mean(1))  # [b, D]
+        return torch.cat(out) if out else torch.zeros(0, encoder.embed_dim, device=self.device)
+
+    def gather(self, x, n):
+        """The full [n, ...] tensor from every rank's shard (rank r holds samples r, r + world, ...)."""
+        if self.world == 1:
+            return x
+        per = -(-n // self.world)
+        padded = torch.zeros(per, *x.shape[1:], dtype=x.dtype, device=x.device)
+        padded[:len(x)] = x
+        parts = [torch.empty_like(padded) for _ in range(self.world)]
+        dist.all_gather(parts, padded)
+        return torch.stack(parts, 1).flatten(0, 1)[:n]  # interleave back: sample i came from rank i % world
+
+    def evaluate(self, m, autocast):
+        """{"knn_student", "knn_teacher", "knn_bank", "knn_queries", "knn_s"} (scores on rank 0 only)."""
+        if self.sets is None:
+            return None
+        t0 = time.perf_counter()
+        res = {}
+        same = all(torch.equal(a, b) for a, b in zip(m.student.state_dict().values(), m.teacher.state_dict().values()))
+        for name, encoder in (("student", m.student), ("teacher", m.teacher)):
+            if name == "teacher" and same:  # step 0: the teacher is the student's copy (Alg. 1 line 4), one pass does
+                res["knn_teacher"] = res.get("knn_student")
+                break
+            was_training = encoder.training
+            encoder.eval()
+            try:
+                (bx, by, nb), (qx, qy, nq) = [(self.gather(self.features(encoder, images, autocast), n),
+                                               self.gather(labels.to(self.device), n), n) for images, labels, n in self.sets]
+            finally:
+                encoder.train(was_training)
+            if self.rank == 0:
+                res[f"knn_{name}"] = knn_top1(bx, by, qx, qy, self.n_classes, KNN_K, KNN_T)
+        res.update(knn_bank=nb, knn_queries=nq, knn_s=round(time.perf_counter() - t0, 2))
+        return res
 
 
-NOISE_OPTIONS = ("lambda1", "lambda2", "noise", "noise_dist", "p_mean", "p_std", "cn_stopgrad", "sigma_max")  # what N-JEPA adds to I-JEPA
-
-
-def is_ijepa(arm):
-    return arm.get("lambda1") == 0 and arm.get("lambda2") == 0
-
-
-def ijepa_twin(arm, arms):
-    """The I-JEPA arm among `arms` that differs from `arm` in the noise options only: its paired reference."""
-    return next((a for a in arms if is_ijepa(a) and all(a.get(k) == arm.get(k) for k in arm if k not in NOISE_OPTIONS)), None)
-
-
-def result_epoch(r):
-    """The epoch a probe result was taken at: recorded since snapshots exist, else the run's length."""
-    e = r.get("epoch", r.get("config", {}).get("epochs"))
-    return round(e, 2) if e is not None else None
-
-
-def table(results):
-    """Group probe results by (arm config, probe settings, epoch: snapshots of one run are points of its
-    curve, ordered by epoch). Returns (rows, text)."""
-    groups = {}
-    for r in results:
-        arm = arm_config(r.get("config", {}))
-        probe_key = (r.get("encoder"), r.get("last_layers"), r.get("label_fraction"), r.get("solver"), result_epoch(r))
-        groups.setdefault(json.dumps([arm, probe_key], sort_keys=True), []).append(r)
-    arms = [json.loads(k)[0] for k in groups if json.loads(k)[0]]
-    common = {k: v for k, v in arms[0].items() if all(a.get(k) == v for a in arms)} if arms else {}
-    rows = []
-    for key, runs in groups.items():
-        arm, probe_key = json.loads(key)
-        by_seed = {r["config"].get("seed"): r for r in runs}
-        same_probe = {k2: g for k2, g in groups.items() if json.loads(k2)[1] == probe_key}
-        twin = ijepa_twin(arm, [json.loads(k2)[0] for k2 in same_probe])
-        ref = same_probe[json.dumps([twin, probe_key], sort_keys=True)] if twin is not None else None
-        ref_by_seed = {r["config"].get("seed"): r for r in ref} if ref else {}
-        diffs = [100 * (by_seed[s]["top1"] - ref_by_seed[s]["top1"]) for s in sorted(by_seed) if s in ref_by_seed]
-        gains = [100 * r["gain"] for r in runs if "gain" in r]
-        tops = [100 * r["top1"] for r in runs]
-        label = arm_name(arm, common) if arm else os.path.basename(str(runs[0].get("ckpt")))  # e.g. an I-JEPA file
-        rows.append({"arm": label, "probe": dict(zip(("encoder", "last_layers", "label_fraction", "solver", "epoch"), probe_key)),
-                     "seeds": sorted(by_seed), "top1": mean_std(tops),
-                     "random_init": mean_std([100 * r["random_init"]["top1"] for r in runs if "random_init" in r]) if gains else None,
-                     "gain": mean_std(gains) if gains else None,
-                     "vs_ijepa": mean_std(diffs) if diffs and ref is not runs else None, "pairs": len(diffs),
-                     "collapsed": sum(bool(r.get("train", {}).get("collapsed")) for r in runs),
-                     "teacher_std": mean_std([r["train"]["final_teacher_std"] for r in runs if r.get("train")])
-                     if any(r.get("train") for r in runs) else None, "config": arm})
-    rows.sort(key=lambda r: (r["probe"]["label_fraction"] != 1.0, r["arm"] != "I-JEPA", r["arm"], r["probe"]["epoch"] or 0))
-    fmt = lambda ms, d=2: "" if not ms else f"{ms[0]:.{d}f}" + (f" ± {ms[1]:.{d}f}" if ms[1] is not None else "")
-    head = ["arm", "epoch", "labels", "n", "top-1 %", "random init %", "gain over random", "vs I-JEPA (paired)", "collapsed", "teacher_std"]
-    pairs = lambda r: f" ({r['pairs']} pair{'s' * (r['pairs'] > 1)})" if r["vs_ijepa"] else ""
-    cells = [[r["arm"], f"{r['probe']['epoch']:g}" if r["probe"]["epoch"] is not None else "", f"{100 * r['probe']['label_fraction']:g}%", str(len(r["seeds"])), fmt(r["top1"]), fmt(r["random_init"]),
-              fmt(r["gain"]), fmt(r["vs_ijepa"]) + pairs(r), f"{r['collapsed']} of {len(r['seeds'])}", fmt(r["teacher_std"], 3)]
-             for r in rows]
-    width = [max(len(c[i]) for c in [head] + cells) for i in range(len(head))]
-    line = lambda c: "| " + " | ".join(x.ljust(w) if i == 0 else x.rjust(w) for i, (x, w) in enumerate(zip(c, width))) + " |"
-    lines = [line(head), "|" + "|".join("-" * (w + 2) for w in width) + "|"] + [line(c) for c in cells]
-    return rows, "\n".join(lines)
-
-
-def read_results(paths):
-    """Probe results from JSON files (probe.json or copies of it); a probe.jsonl gives its last line."""
-    results = []
-    for p in paths:
-        with open(p) as f:
-            text = f.read().strip()
-        if not text:
-            continue
-        results.append(json.loads(text.splitlines()[-1]) if p.endswith(".jsonl") else json.loads(text))
-    return results
-
-
-# ---------------------------------------------------------------------------------------------
-# Learning curves: kNN (from log.jsonl) and probe (from the snapshots' results) against epochs,
-# mean over the pretraining seeds of each arm with a band from the lowest to the highest seed
-# ---------------------------------------------------------------------------------------------
-def run_points(folder):
-    """(config, kNN points [(epoch, student, teacher)], probe points [(epoch, top1, random-init top1)])
-    of one run folder (or a committed copy of it): log.jsonl, and probe.jsonl or probe*.json (student,
-    last layer, all labels; the latest result per epoch)."""
-    recs = train.read_log(os.path.join(folder, "log.jsonl"))
-    knn = [(r["epoch"], 100 * r["knn_student"], 100 * r["knn_teacher"]) for r in recs if "knn_student" in r]
-    jsonl = os.path.join(folder, "probe.jsonl")
-    results = read_results_lines(jsonl) if os.path.exists(jsonl) else read_results(sorted(glob.glob(os.path.join(folder, "probe*.json"))))
-    probes = {}
-    for r in results:
-        if r.get("label_fraction") == 1.0 and r.get("encoder") == "student" and r.get("last_layers") == 1 and "random_init" in r:
-            probes[result_epoch(r)] = (result_epoch(r), 100 * r["top1"], 100 * r["random_init"]["top1"])
-    config = next((r["config"] for r in results if r.get("config")), None)
-    if config is None and os.path.exists(os.path.join(folder, "config.json")):  # a committed copy (results/)
-        config = json.load(open(os.path.join(folder, "config.json")))
-    if config is None and os.path.exists(os.path.join(folder, "ckpt.pt")):  # a run not probed yet
-        config = train.load_checkpoint(os.path.join(folder, "ckpt.pt"))["config"]
-    return config or {}, knn, sorted(probes.values())
-
-
-def read_results_lines(path):
+def read_log(path):
+    if not os.path.exists(path):
+        return []
     with open(path) as f:
         return [json.loads(line) for line in f if line.strip()]
-
-
-def curve_bands(runs, column):
-    """{epoch: (mean, low, high, n)} over the runs' points of one column (1 = kNN student / probe)."""
-    by_epoch = {}
-    for points in runs:
-        for pt in points:
-            by_epoch.setdefault(round(pt[0], 2), []).append(pt[column])
-    return {e: (sum(v) / len(v), min(v), max(v), len(v)) for e, v in sorted(by_epoch.items())}
-
-
-def group_by_arm(runs):
-    """Runs [(config, knn, probes)] grouped by arm config (JSON key, in first-seen order), and the
-    options all arms share (left out of the arms' names)."""
-    arms = {}
-    for run in runs:
-        arms.setdefault(json.dumps(arm_config(run[0]), sort_keys=True), []).append(run)
-    configs = [json.loads(k) for k in arms]
-    common = {k: v for k, v in configs[0].items() if all(c.get(k) == v for c in configs)} if configs else {}
-    return arms, common
-
-
-def knn_curve_table(runs):
-    """The numbers behind the kNN panel, as a markdown table: per epoch and arm, the student's online kNN
-    top-1 (mean ± std over seeds) and, for an arm with an I-JEPA twin among the runs, its paired difference
-    to I-JEPA (the same seed's kNN at the same epoch): does the gap open, close or stay along the curve?
-    runs: [run_points(folder), ...]."""
-    grouped, common = group_by_arm(runs)
-    arms = {key: {cfg.get("seed"): {round(e, 2): s for e, s, _ in knn} for cfg, knn, _ in group}
-            for key, group in grouped.items()}  # arm -> {seed: {epoch: kNN student %}}
-    configs = [json.loads(k) for k in arms]
-
-    def fmt(xs):
-        if not xs:
-            return ""
-        m, sd = mean_std(xs)
-        return f"{m:.1f}" + (f" ± {sd:.1f}" if sd is not None else "") + f" ({len(xs)})"
-
-    head, columns = ["epoch"], []  # columns: (arm seeds, I-JEPA twin seeds or None)
-    for cfg, seeds in zip(configs, arms.values()):
-        twin = ijepa_twin(cfg, configs) if not is_ijepa(cfg) else None
-        head.append(f"{arm_name(cfg, common)} kNN %")
-        columns.append((seeds, None))
-        if twin is not None:
-            head.append(f"{arm_name(cfg, common)} - {arm_name(twin, common)} (paired)")
-            columns.append((seeds, arms[json.dumps(twin, sort_keys=True)]))
-    epochs = sorted({e for seeds in arms.values() for points in seeds.values() for e in points})
-    rows = []
-    for e in epochs:
-        cells = [f"{e:g}"]
-        for seeds, ref in columns:
-            if ref is None:
-                cells.append(fmt([pts[e] for pts in seeds.values() if e in pts]))
-            else:
-                cells.append(fmt([pts[e] - ref[s][e] for s, pts in seeds.items() if e in pts and e in ref.get(s, {})]))
-        rows.append(cells)
-    return "\n".join(["| " + " | ".join(head) + " |", "|" + "---|" * len(head)] + ["| " + " | ".join(c) + " |" for c in rows])
-
-
-def draw_learning_curves(runs, path):
-    """A PNG (pillow): left the online kNN top-1 of the student (thick) and teacher (thin), right the
-    linear-probe top-1 of the snapshots, against epochs; one colour per arm, the mean over its seeds
-    with a shaded band from the lowest to the highest seed; grey: the random-init level (kNN at step 0,
-    the probe's random-init twin), averaged over all runs. runs: [run_points(folder), ...]."""
-    from PIL import Image, ImageDraw
-    arms, common = group_by_arm(runs)
-    W, H, pad, legend = 460, 300, 44, 18 * len(arms) + 8
-    sheet = Image.new("RGB", (2 * W, H + legend), "white")
-    # source: which list of a run (config, knn, probes) a panel draws
-    panels = [("online kNN top-1 % (thick: student, thin: teacher)", [(1, 3), (2, 1)], 1), ("linear probe top-1 %", [(1, 3)], 2)]
-    for p, (title, columns, source) in enumerate(panels):
-        series = [(j, col, width, curve_bands([r[source] for r in group], col))
-                  for j, group in enumerate(arms.values()) for col, width in columns]
-        base = [r[1][0][1] for r in runs if source == 1 and r[1] and r[1][0][0] == 0] or \
-               [pt[2] for r in runs if source == 2 for pt in r[2]]
-        values = [v for *_, bands in series for m, lo, hi, n in bands.values() for v in (lo, hi)] + base
-        epochs = [e for *_, bands in series for e in bands]
-        if len(epochs) < 1 or not values:
-            continue
-        x0, lo, hi, last = p * W, min(values) - 1, max(values) + 1, max(epochs) or 1
-        sx = lambda e: x0 + pad + e / last * (W - pad - 12)
-        sy = lambda v: H - 24 - (v - lo) / (hi - lo) * (H - 54)
-        overlay = Image.new("RGBA", sheet.size, (0, 0, 0, 0))
-        od = ImageDraw.Draw(overlay)
-        for j, col, width, bands in series:  # bands first, lines on top
-            pts = list(bands.items())
-            if width > 1 and len(pts) > 1 and any(n > 1 for _, (_, _, _, n) in pts):
-                poly = [(sx(e), sy(b[2])) for e, b in pts] + [(sx(e), sy(b[1])) for e, b in reversed(pts)]
-                od.polygon(poly, fill=train.CURVE_COLOURS[j % len(train.CURVE_COLOURS)] + (60,))
-        sheet.paste(Image.alpha_composite(sheet.convert("RGBA"), overlay).convert("RGB"))
-        d = ImageDraw.Draw(sheet)
-        d.rectangle([x0 + pad, 30, x0 + W - 12, H - 24], outline=(160, 160, 160))
-        d.text((x0 + pad, 10), title, fill="black")
-        if base:
-            y = sy(sum(base) / len(base))
-            for x in range(int(x0 + pad), int(x0 + W - 12), 8):  # dashed: the random-init level
-                d.line([(x, y), (x + 4, y)], fill=(120, 120, 120), width=1)
-            d.text((x0 + W - 80, y - 13), f"random {sum(base) / len(base):.1f}", fill=(110, 110, 110))
-        for j, col, width, bands in series:
-            colour = train.CURVE_COLOURS[j % len(train.CURVE_COLOURS)]
-            pts = [(sx(e), sy(b[0])) for e, b in bands.items()]
-            if len(pts) > 1:
-                d.line(pts, fill=colour, width=width)
-            for x, y in pts:
-                d.ellipse([x - width, y - width, x + width, y + width], fill=colour)
-        d.text((x0 + 2, 30), f"{hi:.0f}", fill=(90, 90, 90))
-        d.text((x0 + 2, H - 36), f"{lo:.0f}", fill=(90, 90, 90))
-        d.text((x0 + W - 70, H - 18), f"epoch {last:g}", fill=(90, 90, 90))
-    d = ImageDraw.Draw(sheet)
-    for j, (key, group) in enumerate(arms.items()):
-        d.text((10, H + 4 + 18 * j), f"-- {arm_name(json.loads(key), common)}  ({len(group)} seed{'s' * (len(group) > 1)})",
-               fill=train.CURVE_COLOURS[j % len(train.CURVE_COLOURS)])
-    sheet.save(path)
 
 
 def parse_args(argv=None):
@@ -704,11 +584,6 @@ def parse_args(argv=None):
     a("--subset-per-class", type=int, help="use only the first N training images of each class")
     a("--transfer", action="store_true", help="allow --data with other classes than pretraining")
     a("--out", help="where probe.json and the feature cache go (default: the checkpoint's folder)")
-    a("--table", nargs="*", help="print mean ± std by config: of the --ckpt runs, or of the given probe JSON files")
-    a("--table-json", help="with --table: also write the table's rows to this JSON file")
-    a("--curves", nargs="+", metavar="RUN_DIR", help="draw kNN and probe against epochs of these runs (mean and band per arm) and print "
-                                                              "the kNN numbers (mean ± std, paired difference to I-JEPA) ...")
-    a("--curves-out", default="learning-curve.png", help="... into this PNG")
     a("--device", default="auto")
     a("--workers", type=int, default=0)
     return p.parse_args(argv)
@@ -717,26 +592,12 @@ def parse_args(argv=None):
 def main(argv=None):
     try:
         args = parse_args(argv)
-        if args.curves:  # python probe.py --curves runs/in-*-s? --curves-out docs/learning-curve.png
-            runs = [run_points(f) for f in args.curves]  # read once: the picture and its numbers
-            draw_learning_curves(runs, args.curves_out)
-            print(f"wrote {args.curves_out}: {len(runs)} runs; the kNN panel's numbers (mean ± std (seeds)):")
-            print(knn_curve_table(runs))
-            return 0
         if args.ckpt and len(args.ckpt) > 1 and args.out:
             raise ProbeError("--out with several --ckpt would mix their results; leave it out")
-        results = [run(args, c) for c in args.ckpt] if args.ckpt else ([] if args.table is not None else [run(args)])
-        if args.table is not None:
-            results += read_results([p for pat in args.table for p in sorted(glob.glob(pat)) or [pat]])
-            if not results:
-                raise ProbeError("--table found no results")
-            rows, text = table(results)
-            print(text)
-            if args.table_json:
-                with open(args.table_json, "w") as f:
-                    json.dump(rows, f, indent=1)
+        for ckpt in args.ckpt or [None]:
+            run(args, ckpt)
         return 0
-    except (ProbeError, data.DataError, train.ConfigError, FileNotFoundError, json.JSONDecodeError) as e:
+    except (ProbeError, data.DataError, model_lib.CheckpointError, FileNotFoundError, json.JSONDecodeError) as e:
         print(f"error: {e}", file=sys.stderr)
         return 2
 

@@ -27,6 +27,7 @@ import model
 import noise
 import probe
 import train
+from tools import report
 
 HERE = os.path.dirname(os.path.abspath(__file__))
 # a small, fast configuration for training tests: 32 px images, 8 px patches (4x4 grid), 2-block predictors
@@ -254,15 +255,19 @@ def test_context_keep_first_keeps_the_first_indices_and_random_does_not():
 
 
 def test_project_imports_go_one_way():
-    """The flat files import each other without a circle (model/losses/masks/noise -> data -> train
-    -> probe), counting imports inside functions too: a reader can take them in that order."""
+    """The files import each other without a circle, counting imports inside functions too, in layers a
+    reader can take in order: the method files (model, masks, noise, losses) -> data -> probe (all
+    evaluation) -> train -> tools/ (bench, report). Evaluation never imports the training script, the
+    method files never import tools/, and masks.py imports nothing of the project."""
     import ast
-    files = ["model", "masks", "noise", "losses", "data", "train", "probe"]
+    files = {"model": "model.py", "masks": "masks.py", "noise": "noise.py", "losses": "losses.py", "data": "data.py",
+             "probe": "probe.py", "train": "train.py", "bench": "tools/bench.py", "report": "tools/report.py"}
     deps = {}
-    for f in files:
-        tree = ast.parse(open(os.path.join(HERE, f + ".py")).read())
-        names = {a.name for n in ast.walk(tree) if isinstance(n, ast.Import) for a in n.names}
-        names |= {n.module for n in ast.walk(tree) if isinstance(n, ast.ImportFrom) and n.module}
+    for f, path in files.items():
+        tree = ast.parse(open(os.path.join(HERE, path)).read())
+        names = {a.name.split(".")[-1] for n in ast.walk(tree) if isinstance(n, ast.Import) for a in n.names}
+        names |= {n.module.split(".")[-1] for n in ast.walk(tree) if isinstance(n, ast.ImportFrom) and n.module}
+        names |= {a.name for n in ast.walk(tree) if isinstance(n, ast.ImportFrom) and n.module == "tools" for a in n.names}
         deps[f] = sorted(names & set(files) - {f})
     done, path = set(), []
 
@@ -277,6 +282,10 @@ def test_project_imports_go_one_way():
     for f in files:
         visit(f)
     assert deps["masks"] == [] and "masks" in deps["data"]
+    assert "train" not in deps["probe"] and "probe" in deps["train"]  # evaluation with evaluation
+    layer = {"model": 0, "masks": 0, "noise": 0, "losses": 0, "data": 1, "probe": 2, "train": 3, "bench": 4, "report": 4}
+    for f, ds in deps.items():
+        assert all(layer[d] < layer[f] or (layer[d] == layer[f] == 0) for d in ds), (f, ds)
 
 
 def test_masks_picture(tmp_path):
@@ -480,9 +489,9 @@ def test_ema_update_and_param_groups():
 
 
 def test_feature_std_is_zero_on_constant_features():
-    assert train.feature_std(torch.ones(2, 5, 7) * 3.0).item() == 0.0
+    assert probe.feature_std(torch.ones(2, 5, 7) * 3.0).item() == 0.0
     h = torch.tensor([[[0.0, 5.0], [2.0, 5.0], [4.0, 5.0]]])  # 3 tokens, 2 features: stds over tokens 2 and 0
-    assert train.feature_std(h).item() == pytest.approx(1.0)  # (a std over features would give 2.12)
+    assert probe.feature_std(h).item() == pytest.approx(1.0)  # (a std over features would give 2.12)
 
 
 def test_analytic_flops_match_flop_counter():
@@ -582,12 +591,12 @@ def test_cpu_bf16_attention_runs_in_fp32_and_auto_precision_follows_the_hardware
     with torch.autocast("cpu", dtype=torch.bfloat16):
         y = attn(torch.randn(2, 5, 48))
     assert seen == [torch.float32] and y.dtype == torch.bfloat16
-    monkeypatch.setattr(train, "cpu_has_amx", lambda: True)
-    assert train.resolve_precision("auto", torch.device("cpu")) == "bf16"
-    monkeypatch.setattr(train, "cpu_has_amx", lambda: False)
-    assert train.resolve_precision("auto", torch.device("cpu")) == "fp32"
-    assert train.resolve_precision("auto", torch.device("cuda")) == "bf16"
-    assert train.resolve_precision("fp32", torch.device("cuda")) == "fp32"
+    monkeypatch.setattr(model, "cpu_has_amx", lambda: True)
+    assert model.resolve_precision("auto", torch.device("cpu")) == "bf16"
+    monkeypatch.setattr(model, "cpu_has_amx", lambda: False)
+    assert model.resolve_precision("auto", torch.device("cpu")) == "fp32"
+    assert model.resolve_precision("auto", torch.device("cuda")) == "bf16"
+    assert model.resolve_precision("fp32", torch.device("cuda")) == "fp32"
 
 
 def test_bf16_training_run_on_cpu_stays_within_tolerance_of_fp32(tmp_path):
@@ -754,7 +763,7 @@ def test_training_skips_and_reports_corrupt_images(tmp_path, capsys):
     assert train.main(FAST + ["--data", str(root), "--epochs", "2", "--out", out, "--workers", "1"]) == 0
     err = capsys.readouterr().err
     assert err.count("skipped 2 unreadable image(s)") == 1 and "broken.jpg" in err and "empty.png" in err
-    assert train.read_log(os.path.join(out, "log.jsonl"))[-1]["step"] == 2
+    assert probe.read_log(os.path.join(out, "log.jsonl"))[-1]["step"] == 2
 
 
 # ---------------------------------------------------------------------------------------------
@@ -921,7 +930,7 @@ def test_bad_config_is_rejected_before_work(tmp_path, capsys):
 
 
 def read_losses(out):
-    return [(r["step"], r["loss"]) for r in train.read_log(os.path.join(out, "log.jsonl"))]
+    return [(r["step"], r["loss"]) for r in probe.read_log(os.path.join(out, "log.jsonl"))]
 
 
 def test_training_loss_falls_and_writes_outputs(tmp_path):
@@ -929,18 +938,18 @@ def test_training_loss_falls_and_writes_outputs(tmp_path):
     its initial weights towards the student (breaks if the EMA never runs, or if the run collapses)."""
     out = str(tmp_path / "run")
     assert train.main(FAST + ["--epochs", "6", "--out", out, "--lr", "2e-3", "--warmup", "1"]) == 0
-    recs = train.read_log(os.path.join(out, "log.jsonl"))
+    recs = probe.read_log(os.path.join(out, "log.jsonl"))
     assert len(recs) == 30 and recs[-1]["step"] == 30
     first, last = recs[0]["loss"], np.mean([r["loss"] for r in recs[-5:]])
     assert last < 0.8 * first, (first, last)
     assert all(r["nt"] > 0 and r["cn"] > 0 and r["sigma_mean"] > 0 for r in recs)
-    assert recs[-1]["teacher_std"] > train.COLLAPSE_STD
+    assert recs[-1]["teacher_std"] > probe.COLLAPSE_STD
     ckpt = torch.load(os.path.join(out, "ckpt.pt"), weights_only=True)
     assert ckpt["step"] == 30 and ckpt["config"]["lambda1"] == 0.1 and ckpt["pred_n"] is not None
     assert Image.open(os.path.join(out, "curves.png")).size[0] > 100
     os.makedirs(tmp_path / "copy")
     open(tmp_path / "copy" / "log.jsonl", "w").write(open(os.path.join(out, "log.jsonl")).read())
-    assert train.main(["--plot", out, str(tmp_path / "copy"), "--plot-out", str(tmp_path / "two.png")]) == 0  # overlay
+    assert report.main(["--plot", out, str(tmp_path / "copy"), "--plot-out", str(tmp_path / "two.png")]) == 0  # overlay
     assert Image.open(tmp_path / "two.png").size[1] > Image.open(os.path.join(out, "curves.png")).size[1]  # + legend
     init = probe.random_encoder("vit_tiny", 32, 8, 0).state_dict()  # the student at step 0 (seed 0)
     dist = lambda a, b: sum((a[k] - b[k]).pow(2).sum() for k in a if a[k].is_floating_point()).sqrt().item()
@@ -985,7 +994,7 @@ def test_trajectory_matches_the_recorded_losses(tmp_path, mode):
     out = str(tmp_path / mode)
     extra = ["--lambda1", "0", "--lambda2", "0"] if mode == "ijepa" else []
     assert train.main(FAST + ["--epochs", "2", "--lr", "1e-3", "--warmup", "1", "--out", out] + extra) == 0
-    got = [(r["loss"], r["ct"], r["nt"], r["cn"]) for r in train.read_log(os.path.join(out, "log.jsonl")) if "loss" in r]
+    got = [(r["loss"], r["ct"], r["nt"], r["cn"]) for r in probe.read_log(os.path.join(out, "log.jsonl")) if "loss" in r]
     assert len(got) == len(TRAJECTORY[mode])
     for step, (g, want) in enumerate(zip(got, TRAJECTORY[mode]), 1):
         assert g == pytest.approx(want, rel=1e-5, abs=1e-9), f"step {step}: {g} != {want}"
@@ -1064,7 +1073,7 @@ def test_loop_uses_scheduled_momentum_and_weight_decay_on_the_decay_group_only(t
 
 
 def test_collapse_warning_is_printed_once(tmp_path, monkeypatch, capsys):
-    monkeypatch.setattr(train, "COLLAPSE_STD", 10.0)  # every run looks collapsed against this threshold
+    monkeypatch.setattr(probe, "COLLAPSE_STD", 10.0)  # every run looks collapsed against this threshold
     assert train.main(FAST + ["--epochs", "1", "--max-steps", "3", "--out", str(tmp_path / "c")]) == 0
     assert capsys.readouterr().err.count("collapsing to a constant") == 1
 
@@ -1074,7 +1083,7 @@ def test_ijepa_mode_has_no_predictor_n(tmp_path):
     assert train.main(FAST + ["--epochs", "1", "--out", out, "--lambda1", "0", "--lambda2", "0"]) == 0
     ckpt = torch.load(os.path.join(out, "ckpt.pt"), weights_only=True)
     assert ckpt["pred_n"] is None
-    recs = train.read_log(os.path.join(out, "log.jsonl"))
+    recs = probe.read_log(os.path.join(out, "log.jsonl"))
     assert all(r["nt"] == 0 and r["cn"] == 0 and r["loss"] == r["ct"] for r in recs)
 
 
@@ -1090,7 +1099,7 @@ def test_ablation_switches_smoke(tmp_path, flags):
     elif "--share-mask-token" in flags:
         assert "mask_token" not in ckpt["pred_n"]
     else:
-        recs = train.read_log(os.path.join(out, "log.jsonl"))
+        recs = probe.read_log(os.path.join(out, "log.jsonl"))
         assert ckpt["config"]["cn_stopgrad"] and all(r["sigma_max"] <= 0.5 and r["sigma_clipped"] > 0 for r in recs)
 
 
@@ -1145,7 +1154,7 @@ def test_nan_loss_stops_and_keeps_last_good_checkpoint(tmp_path, monkeypatch, ca
 
 def test_checkpoint_write_is_atomic(tmp_path, monkeypatch):
     path = str(tmp_path / "ckpt.pt")
-    train.save_checkpoint({"format": "njepa-1", "step": 1}, path)
+    model.save_checkpoint({"format": "njepa-1", "step": 1}, path)
 
     def crash(obj, f, *a, **k):
         f.write(b"partial garbage")
@@ -1153,9 +1162,9 @@ def test_checkpoint_write_is_atomic(tmp_path, monkeypatch):
 
     monkeypatch.setattr(torch, "save", crash)
     with pytest.raises(OSError):
-        train.save_checkpoint({"format": "njepa-1", "step": 2}, path)
+        model.save_checkpoint({"format": "njepa-1", "step": 2}, path)
     monkeypatch.undo()
-    assert train.load_checkpoint(path)["step"] == 1
+    assert model.load_checkpoint(path)["step"] == 1
     assert os.listdir(tmp_path) == ["ckpt.pt"]
 
 
@@ -1165,8 +1174,8 @@ def test_checkpoint_loading_is_weights_only(tmp_path):
             return (os.system, ("echo pwned",))
     path = str(tmp_path / "evil.pt")
     torch.save({"format": "njepa-1", "x": Evil()}, path)
-    with pytest.raises(train.ConfigError, match="cannot read checkpoint"):
-        train.load_checkpoint(path)
+    with pytest.raises(model.CheckpointError, match="cannot read checkpoint"):
+        model.load_checkpoint(path)
 
 
 @pytest.mark.parametrize("sig", [signal.SIGINT, signal.SIGTERM])
@@ -1180,7 +1189,7 @@ def test_signal_saves_a_checkpoint_and_resume_continues(tmp_path, sig):
                             start_new_session=True)
     log = os.path.join(out, "log.jsonl")
     deadline = time.time() + 120
-    while time.time() < deadline and len(train.read_log(log) if os.path.exists(log) else []) < 3:
+    while time.time() < deadline and len(probe.read_log(log) if os.path.exists(log) else []) < 3:
         time.sleep(0.2)
     os.killpg(proc.pid, sig)
     stdout, stderr = proc.communicate(timeout=120)
@@ -1188,7 +1197,7 @@ def test_signal_saves_a_checkpoint_and_resume_continues(tmp_path, sig):
     step = torch.load(os.path.join(out, "ckpt.pt"), weights_only=True)["step"]
     assert step >= 3 and "stopped by signal" in stdout
     assert train.main(["--resume", "--out", out, "--max-steps", str(step + 2)]) == 0
-    assert train.read_log(log)[-1]["step"] == step + 2
+    assert probe.read_log(log)[-1]["step"] == step + 2
 
 
 def free_port():
@@ -1213,7 +1222,7 @@ def test_ddp_two_processes_equal_one_process_with_the_whole_batch(tmp_path):
         for k, v in a[part].items():
             assert torch.allclose(v, b[part][k], atol=1e-5), (part, k)
     # online kNN at step 0: each rank encodes its shard (odd sizes: 80 and 25 over 2 ranks), rank 0 scores
-    knn = [[r for r in train.read_log(os.path.join(d, "log.jsonl")) if "knn_student" in r] for d in (one, two)]
+    knn = [[r for r in probe.read_log(os.path.join(d, "log.jsonl")) if "knn_student" in r] for d in (one, two)]
     assert len(knn[0]) == len(knn[1]) == 1 and knn[1][0]["knn_queries"] == 25
     assert (knn[0][0]["knn_student"], knn[0][0]["knn_teacher"]) == (knn[1][0]["knn_student"], knn[1][0]["knn_teacher"])
     init = probe.random_encoder("vit_tiny", 32, 8, 0).state_dict()["blocks.0.attn.qkv.weight"]
@@ -1473,13 +1482,13 @@ def test_knn_separates_blobs_sees_chance_on_shuffled_labels_and_is_deterministic
     the same answer twice. Breaks if the votes ignore the labels or the neighbours are the farthest."""
     x, y = blobs(60, classes=5)
     tx, ty = blobs(40, classes=5, seed=1)
-    assert train.knn_top1(x, y, tx, ty, 5) == 1.0
+    assert probe.knn_top1(x, y, tx, ty, 5) == 1.0
     shuffled = y[torch.randperm(len(y), generator=torch.Generator().manual_seed(0))]
-    accs = [train.knn_top1(x, shuffled, tx, ty, 5) for _ in range(2)]
+    accs = [probe.knn_top1(x, shuffled, tx, ty, 5) for _ in range(2)]
     assert accs[0] == accs[1] and abs(accs[0] - 0.2) < 0.12
     # k = 1 on a hand-made case: the query takes its nearest neighbour's class
     bank, labels = torch.tensor([[1.0, 0.0], [0.0, 1.0], [-1.0, 0.1]]), torch.tensor([0, 1, 2])
-    assert train.knn_top1(bank, labels, torch.tensor([[0.9, 0.2], [0.1, 0.9]]), torch.tensor([0, 1]), 3, k=1) == 1.0
+    assert probe.knn_top1(bank, labels, torch.tensor([[0.9, 0.2], [0.1, 0.9]]), torch.tensor([0, 1]), 3, k=1) == 1.0
 
 
 def test_online_knn_leaves_the_run_unchanged_and_logs_student_and_teacher(tmp_path, capsys):
@@ -1492,12 +1501,12 @@ def test_online_knn_leaves_the_run_unchanged_and_logs_student_and_teacher(tmp_pa
         out = str(tmp_path / f"e{e}")
         assert train.main(FAST + ["--epochs", "2", "--out", out, "--eval-every", e, "--knn-queries", "60"]) == 0
         runs[e] = out
-    loss_recs = lambda out: [(r["step"], r["loss"], r["ct"]) for r in train.read_log(os.path.join(out, "log.jsonl")) if "loss" in r]
+    loss_recs = lambda out: [(r["step"], r["loss"], r["ct"]) for r in probe.read_log(os.path.join(out, "log.jsonl")) if "loss" in r]
     assert loss_recs(runs["0"]) == loss_recs(runs["1"])
     a, b = (torch.load(os.path.join(runs[e], "ckpt.pt"), weights_only=True) for e in ("0", "1"))
     assert all(torch.equal(a["student"][k], b["student"][k]) for k in a["student"])
-    knn = [r for r in train.read_log(os.path.join(runs["1"], "log.jsonl")) if "knn_student" in r]
-    assert [r["step"] for r in knn] == [0, 5, 10] and not any("knn_student" in r for r in train.read_log(os.path.join(runs["0"], "log.jsonl")))
+    knn = [r for r in probe.read_log(os.path.join(runs["1"], "log.jsonl")) if "knn_student" in r]
+    assert [r["step"] for r in knn] == [0, 5, 10] and not any("knn_student" in r for r in probe.read_log(os.path.join(runs["0"], "log.jsonl")))
     assert knn[0]["knn_student"] == knn[0]["knn_teacher"]  # step 0: the teacher is the student's copy
     assert all(0 <= r["knn_teacher"] <= 1 and r["knn_bank"] == 80 and r["knn_queries"] == 60 for r in knn)
     assert capsys.readouterr().out.count("knn | epoch") == 3
@@ -1510,8 +1519,8 @@ def test_online_knn_leaves_the_run_unchanged_and_logs_student_and_teacher(tmp_pa
         m.teacher.blocks[0].mlp.fc1.weight.mul_(1.5)
     ds = data.build_dataset("shapes", "train", 32, 8)
     rng = torch.get_rng_state()
-    ev = train.OnlineKnn(cfg, ds, 0, 1, torch.device("cpu"), True)
-    res = ev.evaluate(m, train.autocast_for(torch.device("cpu"), "fp32"))
+    ev = probe.OnlineKnn(cfg, ds, 0, 1, torch.device("cpu"), True)
+    res = ev.evaluate(m, model.autocast_for(torch.device("cpu"), "fp32"))
     assert torch.equal(rng, torch.get_rng_state()) and m.student.training and not m.teacher.training
     assert all(mod.training for mod in m.student.modules())
     assert set(res) >= {"knn_student", "knn_teacher"} and res["knn_s"] >= 0
@@ -1524,11 +1533,11 @@ def test_online_knn_without_a_val_split_is_a_notice_not_a_crash(tmp_path, capsys
     assert train.resolve_config(train.parse_args(["--data", str(root)])).eval_every == 0  # a folder: off by default
     cfg = train.resolve_config(train.parse_args(["--epochs", "4"]))  # built-in data: on, as often as <= 10 % allows
     assert cfg.eval_every is None
-    train.OnlineKnn(cfg, data.build_dataset("shapes", "train", 32), 0, 1, torch.device("cpu"), True)
+    probe.OnlineKnn(cfg, data.build_dataset("shapes", "train", 32), 0, 1, torch.device("cpu"), True)
     assert cfg.eval_every == 2  # (0.5 + 2 evals) x 1,000 eval images x 0.77 <= 10 % of 4 x 5,000 training images
-    assert train.default_eval_every(20, 9469, 2000) == 2 and train.default_eval_every(100, 9469, 2000) == 2
+    assert probe.default_eval_every(20, 9469, 2000) == 2 and probe.default_eval_every(100, 9469, 2000) == 2
     capsys.readouterr()
-    assert train.default_eval_every(10, 1000, 2000) == 10  # too short for 10 %: start and end only, and a notice
+    assert probe.default_eval_every(10, 1000, 2000) == 10  # too short for 10 %: start and end only, and a notice
     assert "costs about 23 %" in capsys.readouterr().out
 
 
@@ -1551,7 +1560,8 @@ def test_snapshots_are_weights_only_probed_per_epoch_and_off_by_default(tmp_path
     assert train.snapshot_epochs("25", 100) == {25, 50, 75, 100} and train.snapshot_epochs(None, 10) == set()
     with pytest.raises(train.ConfigError):
         train.snapshot_epochs("x", 10)
-    assert probe.main(["--ckpt", os.path.join(out, "ckpt-e3.pt"), os.path.join(out, "ckpt-e1.pt"), "--table"]) == 0
+    assert probe.main(["--ckpt", os.path.join(out, "ckpt-e3.pt"), os.path.join(out, "ckpt-e1.pt")]) == 0
+    assert report.main(["--table", os.path.join(out, "probe-e*.json")]) == 0
     text = capsys.readouterr().out
     assert os.path.exists(os.path.join(out, "probe-e1.json")) and os.path.exists(os.path.join(out, "probe-e3.json"))
     r1 = json.load(open(os.path.join(out, "probe-e1.json")))
@@ -1561,7 +1571,7 @@ def test_snapshots_are_weights_only_probed_per_epoch_and_off_by_default(tmp_path
 
 
 def test_learning_curves_average_seeds_per_arm_and_draw(tmp_path):
-    """probe.py --curves: kNN from log.jsonl and probe top-1 from the snapshot results, per arm the mean
+    """tools/report.py --curves: kNN from log.jsonl and probe top-1 from the snapshot results, per arm the mean
     over seeds and the band between the lowest and highest seed. Breaks if seeds of one arm are drawn as
     separate arms, or if 10 %-label results leak into the probe curve."""
     folders = []
@@ -1580,19 +1590,19 @@ def test_learning_curves_average_seeds_per_arm_and_draw(tmp_path):
                     with open(d / "probe.jsonl", "a") as f:
                         f.write(json.dumps(r) + "\n")
             folders.append(str(d))
-    cfg, knn, probes = probe.run_points(folders[1])
+    cfg, knn, probes = report.run_points(folders[1])
     assert cfg["seed"] == 1 and knn[1] == (5, pytest.approx(34.0), pytest.approx(33.0))
     assert probes == [(5, pytest.approx(42.0), pytest.approx(38.0)), (10, pytest.approx(52.0), pytest.approx(38.0))]
-    bands = probe.curve_bands([probe.run_points(f)[2] for f in folders[:2]], 1)
+    bands = report.curve_bands([report.run_points(f)[2] for f in folders[:2]], 1)
     assert bands[10] == (pytest.approx(51.0), pytest.approx(50.0), pytest.approx(52.0), 2)
     out = str(tmp_path / "lc.png")
-    assert probe.main(["--curves", *folders, "--curves-out", out]) == 0
+    assert report.main(["--curves", *folders, "--curves-out", out]) == 0
     img = Image.open(out)
     assert img.size == (920, 300 + 18 * 2 + 8)  # two panels, a legend line per arm (2 arms, not 4 runs)
 
 
 def test_knn_curve_table_pairs_seeds_not_positions(tmp_path):
-    """probe.py --curves prints the kNN panel's numbers: per epoch, each arm's mean ± std over seeds and
+    """tools/report.py --curves prints the kNN panel's numbers: per epoch, each arm's mean ± std over seeds and
     N-JEPA minus I-JEPA paired by seed. The N-JEPA folders come in another seed order than I-JEPA's, so
     pairing by position gives another spread; an epoch one seed lacks is averaged over the others."""
     knn = {("ij", 0): {0: 30, 5: 30}, ("ij", 1): {0: 30, 5: 32}, ("ij", 2): {0: 30, 5: 34},
@@ -1606,7 +1616,7 @@ def test_knn_curve_table_pairs_seeds_not_positions(tmp_path):
         (d / "log.jsonl").write_text("".join(json.dumps({"step": 10 * e, "epoch": e, "knn_student": v / 100, "knn_teacher": 0.2}) + "\n"
                                              for e, v in points.items()))
         folders.append(str(d))
-    lines = probe.knn_curve_table([probe.run_points(f) for f in folders]).splitlines()
+    lines = report.knn_curve_table([report.run_points(f) for f in folders]).splitlines()
     assert lines[0] == "| epoch | I-JEPA kNN % | N-JEPA kNN % | N-JEPA - I-JEPA (paired) |"
     assert lines[3] == "| 5 | 32.0 ± 2.0 (3) | 34.0 ± 4.2 (2) | 2.0 ± 1.4 (2) |"  # diffs +1 (seed 0), +3 (seed 2)
 
@@ -1618,7 +1628,7 @@ def test_table_groups_by_config_and_pairs_seeds(tmp_path, capsys):
     results[0]["config"].update(n_targets=4, start_lr=1e-4, pred_dim=None)  # a run of older code: same arm
     results += [fake_result(s, t, b) for s, t, b in ((0, 0.51, 0.40), (1, 0.62, 0.41), (2, 0.56, 0.42))]
     results += [fake_result(s, t, b, noise="none") for s, t, b in ((0, 0.20, 0.40), (1, 0.50, 0.41))]
-    rows, text = probe.table(results)
+    rows, text = report.table(results)
     by = {r["arm"]: r for r in rows}
     assert set(by) == {"I-JEPA", "N-JEPA", "N-JEPA noise=none"}
     assert by["N-JEPA"]["top1"] == pytest.approx((56.333333, 5.507571), rel=1e-5)
@@ -1630,10 +1640,10 @@ def test_table_groups_by_config_and_pairs_seeds(tmp_path, capsys):
     for i, r in enumerate(results):
         paths.append(str(tmp_path / f"{i}.json"))
         json.dump(r, open(paths[-1], "w"))
-    assert probe.main(["--table", str(tmp_path / "*.json"), "--table-json", str(tmp_path / "t.out")]) == 0
+    assert report.main(["--table", str(tmp_path / "*.json"), "--table-json", str(tmp_path / "t.out")]) == 0
     out = capsys.readouterr().out
     assert "N-JEPA noise=none" in out and " 1.33 ± 0.58 (3 pairs)" in out and len(json.load(open(tmp_path / "t.out"))) == 3
-    _, text = probe.table(results[:1] + results[3:4])  # one seed: no spread is printed, not a fake 0.00
+    _, text = report.table(results[:1] + results[3:4])  # one seed: no spread is printed, not a fake 0.00
     assert " 50.00 |" in text and " 1.00 (1 pair) |" in text and "± 0.00" not in text
 
 
@@ -1641,11 +1651,11 @@ def test_table_groups_by_config_and_pairs_seeds(tmp_path, capsys):
 # benchmark mode (runs, reports consistent fields; no assertion on speed)
 # ---------------------------------------------------------------------------------------------
 def test_bench_smoke():
-    """Smoke test: --bench and --bench-data run and print their lines (speed is never asserted)."""
-    out = run_cli("train.py", "--bench", "--bench-steps", "2", "--model", "vit_tiny", "--img", "32", "--patch", "8",
+    """Smoke test: tools/bench.py and its --data-only run and print their lines (speed is never asserted)."""
+    out = run_cli("tools/bench.py", "--steps", "2", "--model", "vit_tiny", "--img", "32", "--patch", "8",
                   "--batch", "4", "--pred-depth", "1", "--device", "cpu")
     assert out.returncode == 0, out.stderr[-2000:]
     assert "bench | vit_tiny 32px/8 batch 4 | N-JEPA" in out.stdout and "MFU" in out.stdout
     assert "projected: 4 epochs x 1250 steps (5,000 images, shapes)" in out.stdout
-    out = run_cli("train.py", "--bench-data", "--img", "32", "--batch", "8")
+    out = run_cli("tools/bench.py", "--data-only", "--img", "32", "--batch", "8")
     assert out.returncode == 0 and "bench-data | builtin:shapes/train" in out.stdout

@@ -7,12 +7,18 @@ of the step (paper Sec. 3.2, 4.1-4.4, Alg. 1; I-JEPA `train.py` where the paper 
   torchrun --nproc_per_node 8 train.py --data ~/imagenet            # DDP; --batch is the global batch
   python train.py --lambda1 0 --lambda2 0                           # plain I-JEPA (no predictor N)
   python train.py --init-from IN1K-vit.h.14-300e.pth.tar ...        # continue from I-JEPA weights
-  python train.py --bench                                           # speed: img/s, step time, MFU
+  python tools/bench.py                                             # speed: img/s, step time, MFU
   python train.py --data imagenette --eval-every 5 --keep-every 10,25,50  # kNN curve + snapshots
 
 Writes OUT/ckpt.pt (every epoch, atomically), OUT/log.jsonl (one JSON line per log step, and one per
-online kNN eval), OUT/curves.png and, with --keep-every, weights-only snapshots OUT/ckpt-eE.pt. `--resume` continues a run exactly (same losses as an uninterrupted run), and a run
-draws the same images, masks and noise on 1 or N processes.
+online kNN eval), OUT/curves.png and, with --keep-every, weights-only snapshots OUT/ckpt-eE.pt.
+`--resume` continues a run exactly (same losses as an uninterrupted run), and a run draws the same
+images, masks and noise on 1 or N processes.
+
+Read from the top: the options and the paper's constants, the schedules, the models, one step
+(Alg. 1) and the loop. Below "Support": config checking, stopping and saving, the log, devices and
+DDP, the curves picture. The online kNN and the collapse signal are evaluation (probe.py); checkpoint
+reading and the precision context sit beside the model (model.py); speed and reports are tools/.
 """
 import argparse
 import json
@@ -32,12 +38,9 @@ import data
 import losses
 import masks
 import noise as edm_noise
-from model import (PRESETS, Predictor, default_predictor_dim, gather_tokens, infer_architecture, is_ijepa_checkpoint,
-                   ijepa_state, train_step_flops, vit)
-
-
-class ConfigError(ValueError):
-    """A bad option or checkpoint; printed as one line before any work starts."""
+import probe
+from model import (PRESETS, CheckpointError, Predictor, architecture_of, autocast_for, checkpoint_states, default_predictor_dim,
+                   gather_tokens, load_checkpoint, resolve_precision, save_checkpoint, train_step_flops, vit)
 
 
 # ---------------------------------------------------------------------------------------------
@@ -88,106 +91,6 @@ OPTIONS = [
     ("keep_every",       None,       None,       str,   "also keep weights-only snapshots ckpt-eE.pt every E epochs, or at the listed epochs ('10,25,50')"),
 ]
 START_LR, FINAL_LR, FINAL_WD, FINAL_EMA = 1e-4, 1e-6, 0.4, 1.0  # Sec. 4.4, appendix, Sec. 4.2
-# Collapse alarm: teacher_std (see feature_std) starts near 0.4-0.5 and stays there in a healthy run;
-# a collapsed run falls towards 0. Measured: N-JEPA, vit_tiny, CIFAR-10 subset, lr 1e-3: 0.43 -> 0.04.
-COLLAPSE_STD = 0.1
-# Options a resumed run may change; anything else must match the checkpoint (--epochs: see --reschedule).
-RESUME_MAY_CHANGE = {"out", "device", "compile", "workers", "log_every", "max_steps", "eval_every", "knn_bank", "knn_queries",
-                     "keep_every"}
-KNN_K, KNN_T = 20, 0.07  # online kNN: DINO's eval_knn (k = 20, temperature 0.07)
-# Cost of one eval image (the student's and the teacher's forward pass) in training images: a forward
-# ran at 565 img/s where a training step ran at 217 img/s (vit_tiny, 64 tokens, bf16, 2 cores), 2 x 0.38.
-KNN_COST = 0.77
-
-
-def parse_args(argv=None):
-    """--help shows the defaults of the setting chosen by --data (peeked first). Options not given stay
-    out of the namespace, so a resumed run can tell them from the checkpoint's."""
-    pre = argparse.ArgumentParser(add_help=False)
-    pre.add_argument("--data", default="shapes")
-    builtin = pre.parse_known_args(argv)[0].data in data.BUILTIN
-    p = argparse.ArgumentParser(description="N-JEPA pretraining", epilog="defaults shown for " + (
-        "the built-in data; with --data DIR they are the paper's" if builtin else "the paper's setting (--data DIR)"))
-    for name, paper, small, kind, text in OPTIONS:
-        default = small if builtin else paper
-        flag = "--" + name.replace("_", "-")
-        if kind is bool:
-            p.add_argument(flag, action="store_true", default=argparse.SUPPRESS, help=text)
-        else:
-            p.add_argument(flag, type=kind, default=argparse.SUPPRESS, help=f"{text} [default: {default}]")
-    p.add_argument("--resume", nargs="?", const="auto", help="continue OUT/ckpt.pt (or the given checkpoint)")
-    p.add_argument("--reschedule", action="store_true", help="with --resume: allow another --epochs (bends every schedule)")
-    p.add_argument("--bench", action="store_true", help="benchmark: timed steps on synthetic images, one result line")
-    p.add_argument("--bench-steps", type=int, default=10)
-    p.add_argument("--bench-data", action="store_true", help="benchmark the data pipeline (decode + crop) alone: images/s")
-    p.add_argument("--plot", nargs="+", metavar="RUN_DIR", help="overlay the curves of these runs (their log.jsonl) ...")
-    p.add_argument("--plot-out", default="curves.png", help="... into this PNG")
-    return p.parse_args(argv)
-
-
-def resolve_config(args, ckpt_config=None):
-    """Options given on the command line win; a resumed run takes the others from its checkpoint; the
-    rest come from OPTIONS. Derived settings (use_n, pred_dim, warmup) are computed here, once."""
-    given = {k: v for k, v in vars(args).items() if k in {o[0] for o in OPTIONS}}
-    if ckpt_config is not None:
-        if "epochs" in given and given["epochs"] != ckpt_config.get("epochs") and not args.reschedule:
-            raise ConfigError(f"--epochs {given['epochs']} differs from the checkpoint's {ckpt_config.get('epochs')}: the lr, wd and "
-                              f"momentum schedules would bend mid-run; add --reschedule to do it anyway")
-        old = {o[0]: o[2] for o in OPTIONS} | {k: v for k, v in ckpt_config.items() if k in {o[0] for o in OPTIONS}}
-        clash = {k: (old.get(k), v) for k, v in given.items() if k not in RESUME_MAY_CHANGE | {"epochs"} and old.get(k) != v}
-        if clash:
-            what = ", ".join(f"--{k.replace('_', '-')} {new} (checkpoint: {was})" for k, (was, new) in clash.items())
-            raise ConfigError(f"checkpoint was trained with another config: {what}")
-        cfg = dict(old, max_steps=None)  # --max-steps belongs to one invocation, not to the run
-        if "precision" not in ckpt_config:  # a run of older code: it trained in fp32 on CPU, bf16 on CUDA
-            cfg["precision"] = "fp32" if given.get("device", old["device"]) == "cpu" or not torch.cuda.is_available() else "bf16"
-    else:
-        column = 2 if given.get("data", "shapes") in data.BUILTIN else 1
-        cfg = {o[0]: o[column] for o in OPTIONS}
-    cfg.update(given)
-    cfg = SimpleNamespace(**cfg)
-    check_config(cfg)
-    cfg.use_n = cfg.lambda1 > 0 or cfg.lambda2 > 0  # predictor N runs only when its losses count (Eq. 10)
-    if cfg.eval_every is None and cfg.data not in data.BUILTIN and cfg.data not in data.DOWNLOADS:
-        cfg.eval_every = 0  # a folder (the paper's ImageNet setting): off unless asked for
-    return fill_derived(cfg)
-
-
-def fill_derived(cfg):
-    """The defaults that depend on other options (also used by probe.py to group runs of older code)."""
-    cfg.pred_dim = cfg.pred_dim or default_predictor_dim(PRESETS[cfg.model]["embed_dim"])
-    cfg.warmup = min(40.0, 0.4 * cfg.epochs) if cfg.warmup is None else cfg.warmup  # Sec. 4.4; SPEC 2
-    return cfg
-
-
-def check_config(cfg):
-    if cfg.model not in PRESETS:
-        raise ConfigError(f"unknown model {cfg.model!r}; choose one of {', '.join(PRESETS)}")
-    try:
-        masks.patch_grid(cfg.img, cfg.patch)
-    except ValueError as e:
-        raise ConfigError(str(e)) from None
-    for name in ("epochs", "batch", "pred_depth", "log_every"):
-        if getattr(cfg, name) < 1:
-            raise ConfigError(f"--{name.replace('_', '-')} must be >= 1, got {getattr(cfg, name)}")
-    if cfg.lambda1 < 0 or cfg.lambda2 < 0:
-        raise ConfigError("--lambda1 and --lambda2 must be >= 0")
-    for name, choices in (("noise", ("multi", "single", "none")), ("noise_dist", ("lognormal", "fixed")),
-                          ("lr_schedule", ("cosine", "constant")), ("context_keep", ("random", "first")),
-                          ("precision", ("auto", "fp32", "bf16"))):
-        if getattr(cfg, name) not in choices:
-            raise ConfigError(f"--{name.replace('_', '-')} must be one of {', '.join(choices)}, got {getattr(cfg, name)!r}")
-    for name in ("eval_every", "knn_bank", "knn_queries"):
-        if getattr(cfg, name) is not None and getattr(cfg, name) < (0 if name == "eval_every" else 1):
-            raise ConfigError(f"--{name.replace('_', '-')} must be >= {0 if name == 'eval_every' else 1}, got {getattr(cfg, name)}")
-    snapshot_epochs(cfg.keep_every, cfg.epochs)  # raises on a bad --keep-every
-    if cfg.p_std < 0:
-        raise ConfigError(f"--p-std must be >= 0, got {cfg.p_std}")
-    if cfg.sigma_max is not None and cfg.sigma_max <= 0:
-        raise ConfigError(f"--sigma-max must be > 0, got {cfg.sigma_max}")
-    pred_dim, heads = cfg.pred_dim or default_predictor_dim(PRESETS[cfg.model]["embed_dim"]), PRESETS[cfg.model]["num_heads"]
-    if pred_dim % heads or pred_dim % 4:
-        raise ConfigError(f"--pred-dim {pred_dim} must be divisible by 4 and by the {heads} heads")
 
 
 # ---------------------------------------------------------------------------------------------
@@ -279,12 +182,6 @@ def ema_update(teacher, student, momentum):
     torch._foreach_lerp_(list(teacher.parameters()), [p.detach() for p in student.parameters()], 1.0 - momentum)
 
 
-def feature_std(h):
-    """The collapse signal: std over tokens of each feature of h [..., D], averaged over features.
-    0 when every token has the same features (a collapsed teacher); about 0.4-0.8 in a healthy run."""
-    return h.float().flatten(0, -2).std(0).mean()
-
-
 # ---------------------------------------------------------------------------------------------
 # One training step (Alg. 1 lines 7-21)
 # ---------------------------------------------------------------------------------------------
@@ -358,7 +255,7 @@ def train(cfg, ckpt=None):
     signalled = catch_stop_signals()
     if master:
         log.start(m, dataset, world, device)
-    knn = OnlineKnn(cfg, dataset, rank, world, device, master) if cfg.eval_every != 0 else None
+    knn = probe.OnlineKnn(cfg, dataset, rank, world, device, master) if cfg.eval_every != 0 else None
     if knn and step == 0:  # the random-init encoder: where every curve starts
         log.knn(step, knn.evaluate(m, autocast))
     exit_code = 0
@@ -401,129 +298,108 @@ def train(cfg, ckpt=None):
     return exit_code
 
 
+# =============================================================================================
+# Support, not the method: config, stopping and saving, the log, devices and DDP, the curves picture
+# =============================================================================================
 # ---------------------------------------------------------------------------------------------
-# The quality curve: online weighted kNN of the student and the teacher (SPEC 2, "quality curve")
+# Config: the command line, a resumed run's checkpoint, and checks before any work starts
 # ---------------------------------------------------------------------------------------------
-def default_eval_every(epochs, n_train, n_eval, master=True):
-    """The smallest E whose evals (half a one at step 0, where the teacher is the student, then one every
-    E epochs and one at the end) cost <= 10 % of the training, in training images: (0.5 + ceil(epochs / E))
-    * KNN_COST * n_eval <= 0.1 * epochs * n_train. A run too short for even E = epochs keeps its start
-    and end points and is told what they cost."""
-    cost = lambda e: (0.5 + math.ceil(epochs / e)) * KNN_COST * n_eval
-    for e in range(1, epochs + 1):
-        if cost(e) <= 0.1 * epochs * n_train:
-            return e
-    if master:
-        print(f"notice: the online kNN at the start and end of this short run costs about {100 * cost(epochs) / (epochs * n_train):.0f} % "
-              f"of its training time (--eval-every 0 turns it off; --knn-bank / --knn-queries shrink it)", flush=True)
-    return epochs
+class ConfigError(ValueError):
+    """A bad option or checkpoint; printed as one line before any work starts."""
 
 
-@torch.no_grad()
-def knn_top1(bank_x, bank_y, query_x, query_y, n_classes, k=20, temperature=0.07, chunk=1024):
-    """Weighted k-nearest-neighbour top-1 (DINO's `eval_knn`, Caron et al. 2021, Sec. 4.1 / their
-    knn_classifier): features L2-normalised, the k most cosine-similar bank samples vote for their
-    class with weight exp(similarity / T). Used by the online curve (--eval-every); deterministic
-    (ties of topk are broken by index, no sampling). bank_x [n, D], query_x [m, D]; returns a float."""
-    bank = F.normalize(bank_x.float(), dim=1)  # [n, D]
-    k = min(k, len(bank))
-    correct = 0
-    for i in range(0, len(query_x), chunk):
-        q = F.normalize(query_x[i:i + chunk].float(), dim=1)  # [c, D]
-        sim, idx = (q @ bank.T).topk(k, dim=1)  # [c, k] cosine similarities and bank indices
-        votes = torch.zeros(len(q), n_classes, device=q.device)
-        votes.scatter_add_(1, bank_y[idx], (sim / temperature).exp())  # [c, C] weighted votes
-        correct += (votes.argmax(1) == query_y[i:i + chunk]).sum().item()
-    return correct / len(query_x)
+# Options a resumed run may change; anything else must match the checkpoint (--epochs: see --reschedule).
+RESUME_MAY_CHANGE = {"out", "device", "compile", "workers", "log_every", "max_steps", "eval_every", "knn_bank", "knn_queries",
+                     "keep_every"}
+
+def parse_args(argv=None):
+    """--help shows the defaults of the setting chosen by --data (peeked first). Options not given stay
+    out of the namespace, so a resumed run can tell them from the checkpoint's."""
+    pre = argparse.ArgumentParser(add_help=False)
+    pre.add_argument("--data", default="shapes")
+    builtin = pre.parse_known_args(argv)[0].data in data.BUILTIN
+    p = argparse.ArgumentParser(description="N-JEPA pretraining", epilog="defaults shown for " + (
+        "the built-in data; with --data DIR they are the paper's" if builtin else "the paper's setting (--data DIR)"))
+    for name, paper, small, kind, text in OPTIONS:
+        default = small if builtin else paper
+        flag = "--" + name.replace("_", "-")
+        if kind is bool:
+            p.add_argument(flag, action="store_true", default=argparse.SUPPRESS, help=text)
+        else:
+            p.add_argument(flag, type=kind, default=argparse.SUPPRESS, help=f"{text} [default: {default}]")
+    p.add_argument("--resume", nargs="?", const="auto", help="continue OUT/ckpt.pt (or the given checkpoint)")
+    p.add_argument("--reschedule", action="store_true", help="with --resume: allow another --epochs (bends every schedule)")
+    return p.parse_args(argv)
 
 
-class OnlineKnn:
-    """A fixed labelled bank (a stratified pick of the train split) and fixed queries (of the val/test
-    split), evaluation crops decoded once; at each eval, mean-pooled final-normed features of the
-    student and the teacher (eval mode, no_grad, the training precision) and DINO's weighted kNN top-1.
-    It never changes the run: the picks use their own generator, no training generator is drawn from,
-    and every module gets back the train/eval mode it had. Under DDP each rank encodes its shard
-    (every world-th sample) and rank 0 scores the gathered features."""
+def resolve_config(args, ckpt_config=None):
+    """Options given on the command line win; a resumed run takes the others from its checkpoint; the
+    rest come from OPTIONS. Derived settings (use_n, pred_dim, warmup) are computed here, once."""
+    given = {k: v for k, v in vars(args).items() if k in {o[0] for o in OPTIONS}}
+    if ckpt_config is not None:
+        if "epochs" in given and given["epochs"] != ckpt_config.get("epochs") and not args.reschedule:
+            raise ConfigError(f"--epochs {given['epochs']} differs from the checkpoint's {ckpt_config.get('epochs')}: the lr, wd and "
+                              f"momentum schedules would bend mid-run; add --reschedule to do it anyway")
+        old = {o[0]: o[2] for o in OPTIONS} | {k: v for k, v in ckpt_config.items() if k in {o[0] for o in OPTIONS}}
+        clash = {k: (old.get(k), v) for k, v in given.items() if k not in RESUME_MAY_CHANGE | {"epochs"} and old.get(k) != v}
+        if clash:
+            what = ", ".join(f"--{k.replace('_', '-')} {new} (checkpoint: {was})" for k, (was, new) in clash.items())
+            raise ConfigError(f"checkpoint was trained with another config: {what}")
+        cfg = dict(old, max_steps=None)  # --max-steps belongs to one invocation, not to the run
+        if "precision" not in ckpt_config:  # a run of older code: it trained in fp32 on CPU, bf16 on CUDA
+            cfg["precision"] = "fp32" if given.get("device", old["device"]) == "cpu" or not torch.cuda.is_available() else "bf16"
+    else:
+        column = 2 if given.get("data", "shapes") in data.BUILTIN else 1
+        cfg = {o[0]: o[column] for o in OPTIONS}
+    cfg.update(given)
+    cfg = SimpleNamespace(**cfg)
+    check_config(cfg)
+    cfg.use_n = cfg.lambda1 > 0 or cfg.lambda2 > 0  # predictor N runs only when its losses count (Eq. 10)
+    if cfg.eval_every is None and cfg.data not in data.BUILTIN and cfg.data not in data.DOWNLOADS:
+        cfg.eval_every = 0  # a folder (the paper's ImageNet setting): off unless asked for
+    return fill_derived(cfg)
 
-    def __init__(self, cfg, train_set, rank, world, device, master):
-        self.cfg, self.rank, self.world, self.device, self.sets = cfg, rank, world, device, None
-        try:
-            test_set = data.build_dataset(cfg.data, "test", cfg.img)
-        except data.DataError as e:
-            if master:
-                print(f"notice: no online kNN ({e})", flush=True)
-            return
-        self.sets = []
-        for ds, cap in ((train_set, cfg.knn_bank), (test_set, cfg.knn_queries)):
-            picked = data.stratified_pick(ds.labels, cap, seed=0)  # the same picks in every run, whatever its seed
-            images, labels, bad = data.eval_images(ds, picked[rank::world], cfg.img)  # this rank's shard
-            if bad and master:
-                print(f"warning: online kNN skipped {len(bad)} unreadable image(s), e.g. {', '.join(bad[:3])}", file=sys.stderr)
-            self.sets.append((images, labels, len(picked)))
-        self.n_classes = len(train_set.classes)
-        if cfg.eval_every is None:  # default: the most often that keeps the evals at <= 10 % of the training time
-            cfg.eval_every = default_eval_every(cfg.epochs, len(train_set), sum(n for *_, n in self.sets), master)
 
-    def due(self, step, ipe):
-        """At the end of every eval_every-th epoch and of the whole run."""
-        return self.sets is not None and step % ipe == 0 and (step // ipe % self.cfg.eval_every == 0 or step == self.cfg.epochs * ipe)
+def fill_derived(cfg):
+    """The defaults that depend on other options (also used by probe.py to group runs of older code)."""
+    cfg.pred_dim = cfg.pred_dim or default_predictor_dim(PRESETS[cfg.model]["embed_dim"])
+    cfg.warmup = min(40.0, 0.4 * cfg.epochs) if cfg.warmup is None else cfg.warmup  # Sec. 4.4; SPEC 2
+    return cfg
 
-    @torch.no_grad()
-    def features(self, encoder, images, autocast, batch=256):
-        """[n, D] mean over patch tokens of the final-normed output, as probe.py and Sec. 4.5."""
-        out = []
-        for i in range(0, len(images), batch):
-            x = data.normalize(images[i:i + batch].to(self.device))
-            with autocast:
-                out.append(encoder(x).float().mean(1))  # [b, D]
-        return torch.cat(out) if out else torch.zeros(0, encoder.embed_dim, device=self.device)
 
-    def gather(self, x, n):
-        """The full [n, ...] tensor from every rank's shard (rank r holds samples r, r + world, ...)."""
-        if self.world == 1:
-            return x
-        per = -(-n // self.world)
-        padded = torch.zeros(per, *x.shape[1:], dtype=x.dtype, device=x.device)
-        padded[:len(x)] = x
-        parts = [torch.empty_like(padded) for _ in range(self.world)]
-        dist.all_gather(parts, padded)
-        return torch.stack(parts, 1).flatten(0, 1)[:n]  # interleave back: sample i came from rank i % world
-
-    def evaluate(self, m, autocast):
-        """{"knn_student", "knn_teacher", "knn_bank", "knn_queries", "knn_s"} (scores on rank 0 only)."""
-        if self.sets is None:
-            return None
-        t0 = time.perf_counter()
-        res = {}
-        same = all(torch.equal(a, b) for a, b in zip(m.student.state_dict().values(), m.teacher.state_dict().values()))
-        for name, encoder in (("student", m.student), ("teacher", m.teacher)):
-            if name == "teacher" and same:  # step 0: the teacher is the student's copy (Alg. 1 line 4), one pass does
-                res["knn_teacher"] = res.get("knn_student")
-                break
-            was_training = encoder.training
-            encoder.eval()
-            try:
-                (bx, by, nb), (qx, qy, nq) = [(self.gather(self.features(encoder, images, autocast), n),
-                                               self.gather(labels.to(self.device), n), n) for images, labels, n in self.sets]
-            finally:
-                encoder.train(was_training)
-            if self.rank == 0:
-                res[f"knn_{name}"] = knn_top1(bx, by, qx, qy, self.n_classes, KNN_K, KNN_T)
-        res.update(knn_bank=nb, knn_queries=nq, knn_s=round(time.perf_counter() - t0, 2))
-        return res
+def check_config(cfg):
+    if cfg.model not in PRESETS:
+        raise ConfigError(f"unknown model {cfg.model!r}; choose one of {', '.join(PRESETS)}")
+    try:
+        masks.patch_grid(cfg.img, cfg.patch)
+    except ValueError as e:
+        raise ConfigError(str(e)) from None
+    for name in ("epochs", "batch", "pred_depth", "log_every"):
+        if getattr(cfg, name) < 1:
+            raise ConfigError(f"--{name.replace('_', '-')} must be >= 1, got {getattr(cfg, name)}")
+    if cfg.lambda1 < 0 or cfg.lambda2 < 0:
+        raise ConfigError("--lambda1 and --lambda2 must be >= 0")
+    for name, choices in (("noise", ("multi", "single", "none")), ("noise_dist", ("lognormal", "fixed")),
+                          ("lr_schedule", ("cosine", "constant")), ("context_keep", ("random", "first")),
+                          ("precision", ("auto", "fp32", "bf16"))):
+        if getattr(cfg, name) not in choices:
+            raise ConfigError(f"--{name.replace('_', '-')} must be one of {', '.join(choices)}, got {getattr(cfg, name)!r}")
+    for name in ("eval_every", "knn_bank", "knn_queries"):
+        if getattr(cfg, name) is not None and getattr(cfg, name) < (0 if name == "eval_every" else 1):
+            raise ConfigError(f"--{name.replace('_', '-')} must be >= {0 if name == 'eval_every' else 1}, got {getattr(cfg, name)}")
+    snapshot_epochs(cfg.keep_every, cfg.epochs)  # raises on a bad --keep-every
+    if cfg.p_std < 0:
+        raise ConfigError(f"--p-std must be >= 0, got {cfg.p_std}")
+    if cfg.sigma_max is not None and cfg.sigma_max <= 0:
+        raise ConfigError(f"--sigma-max must be > 0, got {cfg.sigma_max}")
+    pred_dim, heads = cfg.pred_dim or default_predictor_dim(PRESETS[cfg.model]["embed_dim"]), PRESETS[cfg.model]["num_heads"]
+    if pred_dim % heads or pred_dim % 4:
+        raise ConfigError(f"--pred-dim {pred_dim} must be divisible by 4 and by the {heads} heads")
 
 
 def main(argv=None):
     args = parse_args(argv)
-    if args.plot:  # python train.py --plot runs/a runs/b --plot-out docs/curves.png
-        draw_curves({os.path.basename(os.path.normpath(r)): read_log(os.path.join(r, "log.jsonl")) for r in args.plot}, args.plot_out)
-        print(f"wrote {args.plot_out}: {len(args.plot)} runs")
-        return 0
     try:
-        if args.bench_data or args.bench:
-            cfg = resolve_config(args)
-            bench_data(cfg) if args.bench_data else bench(cfg, steps=args.bench_steps)
-            return 0
         ckpt = None
         if args.resume:
             ckpt = load_checkpoint(os.path.join(getattr(args, "out", "out"), "ckpt.pt") if args.resume == "auto" else args.resume)
@@ -538,14 +414,14 @@ def main(argv=None):
                 raise ConfigError(f"{os.path.join(cfg.out, 'ckpt.pt')} already exists: pass --resume to continue it, "
                                   f"or choose another --out")
         return train(cfg, ckpt)
-    except (ConfigError, data.DataError) as e:
+    except (ConfigError, CheckpointError, data.DataError) as e:
         print(f"error: {e}", file=sys.stderr)
         return 2
 
 
-# =============================================================================================
-# Support, not the method: stopping and saving, the log, checkpoints, devices and DDP
-# =============================================================================================
+# ---------------------------------------------------------------------------------------------
+# Stopping and saving: checkpoints every epoch, snapshots, signals and NaN
+# ---------------------------------------------------------------------------------------------
 def restore(m, ckpt):
     """Load a checkpoint's models and optimizer (--resume); returns its step."""
     if "optimizer" not in ckpt:
@@ -611,6 +487,14 @@ def save_run(m, cfg, step, master):
                          "optimizer": m.optimizer.state_dict()}, os.path.join(cfg.out, "ckpt.pt"))
 
 
+# ---------------------------------------------------------------------------------------------
+# The log: log.jsonl, the progress bar, the collapse warning
+# ---------------------------------------------------------------------------------------------
+def step_flops(cfg, batch, n_ctx, n_tgt):
+    """Model FLOPs of one training step with this config (model.train_step_flops)."""
+    return train_step_flops(cfg.model, cfg.img, cfg.patch, cfg.pred_dim, cfg.pred_depth, cfg.use_n, batch, n_ctx, n_tgt)
+
+
 class Log:
     """log.jsonl (one line every --log-every steps), the progress bar, the collapse warning and the
     per-epoch summaries; on rank 0 only."""
@@ -620,7 +504,7 @@ class Log:
         self.path = os.path.join(cfg.out, "log.jsonl")
         self.records, self.bad, self.bad_seen, self.warned = [], [], set(), False
         if master:  # a resumed run drops log lines written after its checkpoint (a crashed tail)
-            self.records = [r for r in read_log(self.path) if r["step"] <= step] if resumed else []
+            self.records = [r for r in probe.read_log(self.path) if r["step"] <= step] if resumed else []
             with open(self.path, "w") as f:
                 f.writelines(json.dumps(r) + "\n" for r in self.records)
         self.bar = tqdm(total=end_step, initial=step, disable=not master, desc="train", unit="step", dynamic_ncols=True)
@@ -656,16 +540,16 @@ class Log:
                "sigma_mean": sigma.float().mean().item() if sigma is not None else None,
                "sigma_max": sigma.float().max().item() if sigma is not None else None,
                "sigma_clipped": (sigma >= cfg.sigma_max).float().mean().item() if sigma is not None and cfg.sigma_max else None,
-               "teacher_std": feature_std(target).item(), "n_ctx": context.size(1), "n_tgt": targets.size(2),
+               "teacher_std": probe.feature_std(target).item(), "n_ctx": context.size(1), "n_tgt": targets.size(2),
                "img_s": self.images / dt, "step_s": dt / max(1, self.images / cfg.batch),
                "wall_s": round(time.perf_counter() - self.t_start, 1)}
         rec["tflops"] = step_flops(cfg, cfg.batch, context.size(1), targets.size(2)) * rec["img_s"] / cfg.batch / 1e12
         self.records.append(rec)
         with open(self.path, "a") as f:
             f.write(json.dumps(rec) + "\n")
-        if rec["teacher_std"] < COLLAPSE_STD and not self.warned:
+        if rec["teacher_std"] < probe.COLLAPSE_STD and not self.warned:
             self.warned = True
-            print(f"\nwarning: step {step}: teacher_std {rec['teacher_std']:.3f} < {COLLAPSE_STD}: the teacher's features "
+            print(f"\nwarning: step {step}: teacher_std {rec['teacher_std']:.3f} < {probe.COLLAPSE_STD}: the teacher's features "
                   f"are collapsing to a constant (a loss near 0 is then meaningless); try a lower --lr", file=sys.stderr, flush=True)
         self.bar.set_postfix(loss=f"{rec['loss']:.4f}", ct=f"{rec['ct']:.4f}", lr=f"{lr:.2e}", img_s=f"{rec['img_s']:.0f}")
         self.t_last, self.images = time.perf_counter(), 0
@@ -700,75 +584,9 @@ class Log:
               f"checkpoint {os.path.join(self.cfg.out, 'ckpt.pt')}", flush=True)
 
 
-def read_log(path):
-    if not os.path.exists(path):
-        return []
-    with open(path) as f:
-        return [json.loads(line) for line in f if line.strip()]
-
-
 # ---------------------------------------------------------------------------------------------
-# Checkpoints: atomic write, weights_only load; I-JEPA checkpoints for --init-from
+# --init-from: official I-JEPA (or njepa) weights
 # ---------------------------------------------------------------------------------------------
-def save_checkpoint(state, path):
-    """Write to a temp file in the same folder, fsync, then rename over `path`: a crash or a full disk
-    mid-write leaves the previous checkpoint intact."""
-    tmp = f"{path}.tmp.{os.getpid()}"
-    try:
-        with open(tmp, "wb") as f:
-            torch.save(state, f)
-            f.flush()
-            os.fsync(f.fileno())
-        os.replace(tmp, path)
-    finally:
-        if os.path.exists(tmp):
-            os.remove(tmp)
-
-
-def read_checkpoint(path):
-    """torch.load with weights_only=True (tensors and plain containers, never code from the file),
-    memory-mapped, so that the optimizer state inside a released multi-GB checkpoint is never read."""
-    try:
-        try:
-            return torch.load(path, map_location="cpu", weights_only=True, mmap=True)
-        except RuntimeError as e:  # a file in the legacy (not zip) format cannot be mapped
-            if "mmap" not in str(e):
-                raise
-            return torch.load(path, map_location="cpu", weights_only=True)
-    except FileNotFoundError:
-        raise ConfigError(f"no checkpoint at {path}") from None
-    except Exception as e:
-        raise ConfigError(f"cannot read checkpoint {path}: {type(e).__name__}: {str(e).splitlines()[0][:200]}") from None
-
-
-def load_checkpoint(path):
-    ckpt = read_checkpoint(path)
-    if not isinstance(ckpt, dict) or ckpt.get("format") != "njepa-1":
-        raise ConfigError(f"{path} is not an njepa checkpoint")
-    return ckpt
-
-
-def checkpoint_states(path):
-    """(encoder, target encoder, predictor) state dicts of an I-JEPA or njepa checkpoint."""
-    ckpt = read_checkpoint(path)
-    if is_ijepa_checkpoint(ckpt):
-        return [ijepa_state(ckpt, k) for k in ("encoder", "target_encoder", "predictor")]
-    if isinstance(ckpt, dict) and ckpt.get("format") == "njepa-1":
-        return [ckpt["student"], ckpt["teacher"], ckpt["pred_c"]]
-    raise ConfigError(f"{path} is neither an I-JEPA checkpoint (encoder / predictor / target_encoder) nor an njepa one")
-
-
-def architecture_of(path):
-    """--init-from without --model/--img/--patch/--pred-depth/--pred-dim: read them off the weights."""
-    student, _, pred = checkpoint_states(path)
-    try:
-        model, img, patch = infer_architecture(student)
-    except ValueError as e:
-        raise ConfigError(f"{path}: {e}") from None
-    pred_depth = 1 + max((int(k.split(".")[1]) for k in pred if k.startswith("predictor_blocks.")), default=-1)
-    return dict(model=model, img=img, patch=patch, pred_depth=pred_depth, pred_dim=pred["predictor_embed.weight"].shape[0])
-
-
 def init_weights_from(m, cfg, path):
     """--init-from: student <- the checkpoint's context encoder, teacher <- its target encoder (EMA),
     predictor C <- its predictor. Predictor N starts as a copy of predictor C: Sec. 3.2 describes the
@@ -789,7 +607,7 @@ def init_weights_from(m, cfg, path):
 
 
 # ---------------------------------------------------------------------------------------------
-# Devices, DDP (torchrun sets RANK, WORLD_SIZE, LOCAL_RANK), signals, workers
+# Devices, DDP (torchrun sets RANK, WORLD_SIZE, LOCAL_RANK), signals
 # ---------------------------------------------------------------------------------------------
 def resolve_device(spec, local_rank, world, n_gpus):
     """The device of this process. Under torchrun (world > 1) a CUDA process takes the GPU of its
@@ -849,37 +667,6 @@ def compile_models(student, teacher, pred_c, pred_n):
     return torch.compile(student, dynamic=True), torch.compile(teacher), torch.compile(pred_c, dynamic=True), pred_n
 
 
-def cpu_has_amx():
-    """Intel AMX (bf16 tile matmuls): torch's own check, else the kernel's CPU flags."""
-    try:
-        return bool(torch.cpu._is_amx_tile_supported())
-    except AttributeError:
-        try:
-            return " amx_bf16" in open("/proc/cpuinfo").read()
-        except OSError:
-            return False
-
-
-def resolve_precision(precision, device):
-    """--precision auto: bf16 autocast on CUDA, and on a CPU with AMX (measured with --bench on a Xeon
-    with AMX, vit_tiny 64/8 batch 64: 1.59x I-JEPA, 1.49x N-JEPA, README "Speed"); fp32 elsewhere (an
-    EPYC with avx512_bf16 and no AMX measured 0.96-1.42x, and CPU bf16 attention is slow, see model.py)."""
-    if precision != "auto":
-        return precision
-    return "bf16" if device.type == "cuda" or cpu_has_amx() else "fp32"
-
-
-def autocast_for(device, precision=None):
-    """bf16 autocast (losses in fp32, see losses.py) or plain fp32; precision None: bf16 on CUDA, fp32
-    on CPU (probe.py's features). On CUDA also turns off cuDNN's attention: it builds a new plan for
-    every new sequence length (1-2 ms of CPU per call, measured on an H200), and the context length
-    changes every step; flash attention does not."""
-    if device.type == "cuda":
-        torch.backends.cuda.enable_cudnn_sdp(False)
-    bf16 = precision == "bf16" if precision is not None else device.type == "cuda"
-    return torch.autocast(device.type, dtype=torch.bfloat16, enabled=bf16)
-
-
 def catch_stop_signals():
     """Ctrl-C / SIGTERM: the loop finishes its step, saves and exits (checked on every rank)."""
     received = []
@@ -888,135 +675,9 @@ def catch_stop_signals():
     return received
 
 
-# =============================================================================================
-# Benchmarking and plots (not needed to train)
-# =============================================================================================
-def step_flops(cfg, batch, n_ctx, n_tgt):
-    """Model FLOPs of one training step with this config (model.train_step_flops)."""
-    return train_step_flops(cfg.model, cfg.img, cfg.patch, cfg.pred_dim, cfg.pred_depth, cfg.use_n, batch, n_ctx, n_tgt)
-
-
-# Dense bf16 tensor-core peaks (FLOP/s) from the vendors' data sheets, by substring of the device name.
-GPU_PEAK_BF16 = {"H100 SXM": 989e12, "H100 80GB HBM3": 989e12, "H100 NVL": 835e12, "H100 PCIe": 756e12, "H100": 989e12,
-                 "H200": 989e12, "A100": 312e12, "L40S": 362e12, "L4": 121e12, "A10": 125e12,
-                 "RTX 4090": 165e12, "RTX 3090": 71e12, "V100": 125e12}
-IMAGENET_TRAIN = 1_281_167  # ImageNet-1K training images, for the projected wall time
-
-
-def measure_cpu_peak(n=2048, seconds=1.0, dtype=torch.float32):
-    """The matmul rate of this process on this CPU (FLOP/s) in `dtype`: the best of repeated n x n matmuls."""
-    a, b = torch.randn(n, n, dtype=dtype), torch.randn(n, n, dtype=dtype)
-    a @ b  # warm-up
-    best, t_end = 0.0, time.perf_counter() + seconds
-    while time.perf_counter() < t_end:
-        t = time.perf_counter()
-        a @ b
-        best = max(best, 2 * n ** 3 / (time.perf_counter() - t))
-    return best
-
-
-def device_peak(device, precision="fp32"):
-    """(peak FLOP/s, how it was found) for MFU."""
-    if device.type == "cuda":
-        name = torch.cuda.get_device_name(device)
-        for key, peak in GPU_PEAK_BF16.items():
-            if key in name:
-                return peak, f"{name} bf16 data sheet"
-        return None, f"{name}: unknown peak"
-    dtype = torch.bfloat16 if precision == "bf16" else torch.float32
-    return measure_cpu_peak(dtype=dtype), f"{precision} matmul measured in this process"
-
-
-def peak_memory_gb(device):
-    if device.type == "cuda":
-        return torch.cuda.max_memory_allocated(device) / 1e9
-    import resource
-    return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1e6  # KiB on Linux -> GB (process peak RSS)
-
-
-def bench(cfg, steps=10, warmup=3):
-    """python train.py --bench [--model --img --patch --batch ...]: warm-up plus timed full steps (masks,
-    noise, teacher, student, predictors, losses, backward, AdamW, EMA) on synthetic images; one line
-    like nanoGPT's MFU report and the projected wall time of the configured run. Not a test."""
-    device, _, _ = setup_distributed(cfg)
-    cfg.precision = resolve_precision(cfg.precision, device)
-    torch.manual_seed(cfg.seed)
-    m = build_on_device(cfg, device)
-    student, teacher, pred_c, pred_n = wrap_for_training(m, cfg, device, 1)
-    autocast = autocast_for(device, cfg.precision)
-    collate = data.MaskCollator(cfg.img // cfg.patch, cfg.seed, context_keep=cfg.context_keep)
-    images_u8 = torch.randint(0, 256, (cfg.batch, 3, cfg.img, cfg.img), dtype=torch.uint8)
-    images_u8 = images_u8.pin_memory() if device.type == "cuda" else images_u8
-    all_masks = [collate.masks(step, cfg.batch) for step in range(warmup + steps)]  # the loader's workers draw these
-    peak, peak_src = device_peak(device, cfg.precision)
-    times, flops, n_ctx, n_tgt = [], [], [], []
-    for step in tqdm(range(warmup + steps), desc="bench", unit="step", leave=False):
-        if device.type == "cuda":
-            torch.cuda.synchronize()
-        t0 = time.perf_counter()
-        context, targets = all_masks[step]
-        images = data.normalize(images_u8.to(device, non_blocking=True))
-        context, targets = context.to(device, non_blocking=True), targets.to(device, non_blocking=True)
-        noise, _ = step_noise(cfg, step, 0, 1, targets, device)
-        with autocast:
-            loss, _, _ = forward_losses(cfg, images, context, targets, noise, student, teacher, pred_c, pred_n)
-        m.optimizer.zero_grad(set_to_none=True)
-        loss.backward()
-        m.optimizer.step()
-        ema_update(m.teacher, m.student, 0.996)
-        if device.type == "cuda":
-            torch.cuda.synchronize()
-        if step >= warmup:
-            times.append(time.perf_counter() - t0)
-            flops.append(step_flops(cfg, cfg.batch, context.size(1), targets.size(2)))
-            n_ctx.append(context.size(1))
-            n_tgt.append(targets.size(2))
-    t_med = sorted(times)[len(times) // 2]
-    achieved = sum(flops) / sum(times)
-    mode = "N-JEPA" if cfg.use_n else "I-JEPA"
-    n_images = count_images(cfg)
-    imagenet_h = 100 * (IMAGENET_TRAIN // cfg.batch) * t_med / 3600
-    res = {"model": cfg.model, "img": cfg.img, "patch": cfg.patch, "batch": cfg.batch, "mode": mode, "precision": cfg.precision,
-           "compile": bool(cfg.compile), "device": str(device), "device_name": torch.cuda.get_device_name(device)
-           if device.type == "cuda" else "cpu", "step_s": t_med, "img_s": cfg.batch / t_med,
-           "gflop_s": achieved / 1e9, "gflop_per_step": sum(flops) / len(flops) / 1e9,
-           "mfu": achieved / peak if peak else None, "peak_gflop_s": peak / 1e9 if peak else None, "peak_source": peak_src,
-           "peak_mem_gb": peak_memory_gb(device), "n_ctx": sum(n_ctx) / len(n_ctx), "n_tgt": sum(n_tgt) / len(n_tgt),
-           "threads": torch.get_num_threads(), "epochs": cfg.epochs, "dataset_images": n_images[0],
-           "projected_hours": cfg.epochs * (n_images[0] // cfg.batch) * t_med / 3600, "imagenet_100ep_hours": imagenet_h}
-    mfu = f"MFU {100 * res['mfu']:.1f}% of {res['peak_gflop_s']:.0f} GFLOP/s ({peak_src})" if peak else f"MFU n/a ({peak_src})"
-    print(f"bench | {cfg.model} {cfg.img}px/{cfg.patch} batch {cfg.batch} | {mode}{' compiled' if cfg.compile else ''} | {cfg.precision} | "
-          f"step {1000 * t_med:.0f} ms (median of {steps}) | {res['img_s']:.1f} img/s | {res['gflop_s']:.1f} GFLOP/s | "
-          f"{mfu} | peak mem {res['peak_mem_gb']:.2f} GB | ctx {res['n_ctx']:.0f} + {all_masks[0][1].size(1)}x{res['n_tgt']:.0f} tgt patches")
-    print(f"bench | projected: {cfg.epochs} epochs x {n_images[0] // cfg.batch} steps ({n_images[0]:,} images, {n_images[1]}) "
-          f"x {t_med:.3f} s = {res['projected_hours']:.2f} h; ImageNet-1K, 100 epochs x {IMAGENET_TRAIN // cfg.batch} steps: "
-          f"{imagenet_h:.1f} h on this device, one process (data loading not included)")
-    print(json.dumps(res))
-    return res
-
-
-def count_images(cfg):
-    """(training images, where the number comes from) of the configured data, for the projected time."""
-    return len(data.build_dataset(cfg.data, "train", None, cfg.subset_per_class)), cfg.data
-
-
-def bench_data(cfg, batches=30):
-    """Images/s of the DataLoader alone (decode, random crop, masks, collate) with cfg.workers workers,
-    to compare with the training images/s: if it is lower, the accelerator waits for data."""
-    dataset = data.build_dataset(cfg.data, "train", cfg.img, cfg.subset_per_class)
-    loader = data.training_loader(dataset, cfg.img, cfg.img // cfg.patch, cfg.seed, cfg.batch, 0, workers=cfg.workers)
-    batches = min(batches, len(loader.batch_sampler))
-    it = iter(loader)
-    next(it)  # start-up (worker processes) is not counted
-    t0, n = time.perf_counter(), 0
-    for _ in tqdm(range(batches - 1), desc="data", leave=False):
-        n += next(it)[0].size(0)
-    rate = n / (time.perf_counter() - t0)
-    print(f"bench-data | {dataset.root} | {cfg.img}px | {loader.num_workers} workers | {rate:.0f} img/s "
-          f"(decode + crop + masks + collate)")
-    return rate
-
-
+# ---------------------------------------------------------------------------------------------
+# The per-epoch OUT/curves.png (pillow), also tools/report.py --plot
+# ---------------------------------------------------------------------------------------------
 CURVE_COLOURS = [(30, 90, 200), (220, 60, 40), (40, 160, 70), (150, 60, 190), (230, 150, 20), (20, 170, 180)]
 
 

@@ -1,7 +1,8 @@
 """Copy what a finished (or partial) run of the ImageNette study leaves behind into results/imagenette/
 RUN/: log.jsonl thinned (every online kNN line, every 100th step's loss line, the last line), the
 snapshots' probe results (probe.jsonl, and one probe-eE-labelsP.json per epoch and label fraction, the
-latest, for probe.py --table) and the config. python results/imagenette/collect.py runs/in-*"""
+latest, for tools/report.py --table) and the config. python results/imagenette/collect.py runs/in-*"""
+import argparse
 import json
 import os
 import shutil
@@ -10,9 +11,11 @@ import sys
 import torch
 
 here = os.path.dirname(os.path.abspath(__file__))
-sys.path.insert(0, os.path.dirname(os.path.dirname(here)))  # the repository root: probe.py
-import probe  # noqa: E402
-for run in sys.argv[1:]:
+sys.path.insert(0, os.path.dirname(os.path.dirname(here)))  # the repository root: tools/report.py
+from tools import report  # noqa: E402
+parser = argparse.ArgumentParser(description="Copy runs of the ImageNette study into results/imagenette/RUN/ (thinned)")
+parser.add_argument("runs", nargs="+", metavar="RUN_DIR", help="run folders, e.g. runs/in-*")
+for run in parser.parse_args().runs:
     name = os.path.basename(os.path.normpath(run))
     dest = os.path.join(here, name)
     os.makedirs(dest, exist_ok=True)
@@ -23,9 +26,9 @@ for run in sys.argv[1:]:
     if os.path.exists(os.path.join(run, "probe.jsonl")):
         shutil.copy(os.path.join(run, "probe.jsonl"), os.path.join(dest, "probe.jsonl"))
         latest = {}  # (epoch, label fraction) -> the last student, last-layer result
-        for r in probe.read_results_lines(os.path.join(run, "probe.jsonl")):
+        for r in report.read_results_lines(os.path.join(run, "probe.jsonl")):
             if r.get("encoder") == "student" and r.get("last_layers") == 1:
-                latest[(round(probe.result_epoch(r)), r["label_fraction"])] = r
+                latest[(round(report.result_epoch(r)), r["label_fraction"])] = r
         for (epoch, fraction), r in latest.items():
             with open(os.path.join(dest, f"probe-e{epoch}-labels{100 * fraction:g}.json"), "w") as f:
                 json.dump(r, f, indent=1)
