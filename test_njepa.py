@@ -1648,6 +1648,57 @@ def test_table_groups_by_config_and_pairs_seeds(tmp_path, capsys):
 
 
 # ---------------------------------------------------------------------------------------------
+# the docs: every command they print still runs
+# ---------------------------------------------------------------------------------------------
+def doc_commands(text):
+    """(file, flags) of every `python FILE ...`, `torchrun ... FILE ...` and `bash FILE ...` in the code
+    blocks and inline code of a markdown text; a command ends at &&, ;, |, a comment or the code's end."""
+    import re
+    spans = re.findall(r"```[a-z]*\n(.*?)```", text, flags=re.S)
+    spans = [line for block in spans for line in block.splitlines()]
+    spans += re.findall(r"`([^`\n]+)`", re.sub(r"```.*?```", "", text, flags=re.S))
+    found = []
+    for span in spans:
+        for piece in re.split(r"&&|;|\|(?=\s)|\s#", span):
+            m = re.search(r"(?:^|\s|\()(python3?|torchrun|bash)\s+(.*)", piece)
+            if not m:
+                continue
+            tokens = m.group(2).split()
+            files = [i for i, t in enumerate(tokens) if t.endswith((".py", ".sh"))]
+            if not files or (m.group(1) != "torchrun" and files[0] != 0):
+                continue  # python -m ..., python -c ...
+            found.append((tokens[files[0]], re.findall(r"(?<![\w-])--[a-z][a-z0-9-]*", " ".join(tokens[files[0] + 1:]))))
+    return found
+
+
+def test_every_command_in_the_docs_names_a_file_and_flags_that_exist():
+    """README.md and docs/*.md: each command's file exists, and each flag it passes is in that file's
+    --help. A move of code (or a renamed flag) cannot leave a dead command behind."""
+    import glob
+    import re
+    pages = [os.path.join(HERE, "README.md")] + sorted(glob.glob(os.path.join(HERE, "docs", "*.md")))
+    commands = [(page, f, flags) for page in pages for f, flags in doc_commands(open(page).read())]
+    assert len(commands) > 50 and any(f == "tools/report.py" for _, f, _ in commands)
+    helps, dead = {}, []
+    for page, f, flags in commands:
+        path = os.path.join(HERE, f)
+        if f.startswith("../shared") or f.startswith("/"):
+            continue
+        if not os.path.exists(path):
+            dead.append(f"{os.path.basename(page)}: no file {f}")
+            continue
+        if not flags:
+            continue
+        if f not in helps:
+            assert "argparse" in open(path).read(), f"{f} takes flags in {page} but has no --help"
+            out = run_cli(f, "--help", timeout=120)
+            assert out.returncode == 0, out.stderr[-500:]
+            helps[f] = re.sub(r"\s*\n\s*", " ", re.sub(r"-\n\s*", "-", out.stdout))
+        dead += [f"{os.path.basename(page)}: {f} {flag}" for flag in flags if not re.search(re.escape(flag) + r"(?![\w-])", helps[f])]
+    assert not dead, dead
+
+
+# ---------------------------------------------------------------------------------------------
 # benchmark mode (runs, reports consistent fields; no assertion on speed)
 # ---------------------------------------------------------------------------------------------
 def test_bench_smoke():
