@@ -1643,6 +1643,10 @@ def test_table_groups_by_config_and_pairs_seeds(tmp_path, capsys):
     assert report.main(["--table", str(tmp_path / "*.json"), "--table-json", str(tmp_path / "t.out")]) == 0
     out = capsys.readouterr().out
     assert "N-JEPA noise=none" in out and " 1.33 ± 0.58 (3 pairs)" in out and len(json.load(open(tmp_path / "t.out"))) == 3
+    rows, text = report.table(results, vs_njepa=True)  # noise=none against N-JEPA: seeds 0, 1: 0.20 - 0.51, 0.50 - 0.62
+    by = {r["arm"]: r for r in rows}
+    assert by["N-JEPA noise=none"]["vs_njepa"] == pytest.approx((-21.5, 13.435029), rel=1e-5)
+    assert by["N-JEPA"]["vs_njepa"] is None and by["I-JEPA"]["vs_njepa"] is None and "vs N-JEPA (paired)" in text
     _, text = report.table(results[:1] + results[3:4])  # one seed: no spread is printed, not a fake 0.00
     assert " 50.00 |" in text and " 1.00 (1 pair) |" in text and "± 0.00" not in text
 

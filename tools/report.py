@@ -76,15 +76,30 @@ def ijepa_twin(arm, arms):
     return next((a for a in arms if is_ijepa(a) and all(a.get(k) == arm.get(k) for k in arm if k not in NOISE_OPTIONS)), None)
 
 
+def njepa_twin(arm, arms):
+    """The N-JEPA arm with the paper's defaults (lambdas 0.1 / 0.1, every noise option at ARM_DEFAULTS)
+    among `arms` that differs from `arm` in the noise options only; None for I-JEPA and for itself."""
+    paper = lambda a: (a.get("lambda1"), a.get("lambda2")) == (0.1, 0.1) and all(a.get(k) == v for k, v in ARM_DEFAULTS.items())
+    return next((a for a in arms if paper(a) and a != arm and not is_ijepa(arm)
+                 and all(a.get(k) == arm.get(k) for k in arm if k not in NOISE_OPTIONS)), None)
+
+
+def paired(by_seed, ref):
+    """Per-seed differences (points) of an arm's results to its reference's, over the seeds both have."""
+    ref_by_seed = {r["config"].get("seed"): r for r in ref} if ref else {}
+    return [100 * (by_seed[s]["top1"] - ref_by_seed[s]["top1"]) for s in sorted(by_seed) if s in ref_by_seed]
+
+
 def result_epoch(r):
     """The epoch a probe result was taken at: recorded since snapshots exist, else the run's length."""
     e = r.get("epoch", r.get("config", {}).get("epochs"))
     return round(e, 2) if e is not None else None
 
 
-def table(results):
+def table(results, vs_njepa=False):
     """Group probe results by (arm config, probe settings, epoch: snapshots of one run are points of its
-    curve, ordered by epoch). Returns (rows, text)."""
+    curve, ordered by epoch). Returns (rows, text). vs_njepa: also the paired difference to the N-JEPA
+    arm with the paper's defaults (`--vs-njepa`)."""
     groups = {}
     for r in results:
         arm = arm_config(r.get("config", {}))
@@ -99,8 +114,7 @@ def table(results):
         same_probe = {k2: g for k2, g in groups.items() if json.loads(k2)[1] == probe_key}
         twin = ijepa_twin(arm, [json.loads(k2)[0] for k2 in same_probe])
         ref = same_probe[json.dumps([twin, probe_key], sort_keys=True)] if twin is not None else None
-        ref_by_seed = {r["config"].get("seed"): r for r in ref} if ref else {}
-        diffs = [100 * (by_seed[s]["top1"] - ref_by_seed[s]["top1"]) for s in sorted(by_seed) if s in ref_by_seed]
+        diffs = paired(by_seed, ref)
         gains = [100 * r["gain"] for r in runs if "gain" in r]
         tops = [100 * r["top1"] for r in runs]
         label = arm_name(arm, common) if arm else os.path.basename(str(runs[0].get("ckpt")))  # e.g. an I-JEPA file
@@ -112,6 +126,10 @@ def table(results):
                      "collapsed": sum(bool(r.get("train", {}).get("collapsed")) for r in runs),
                      "teacher_std": mean_std([r["train"]["final_teacher_std"] for r in runs if r.get("train")])
                      if any(r.get("train") for r in runs) else None, "config": arm})
+        if vs_njepa:
+            twin_n = njepa_twin(arm, [json.loads(k2)[0] for k2 in same_probe])
+            diffs_n = paired(by_seed, same_probe[json.dumps([twin_n, probe_key], sort_keys=True)]) if twin_n is not None else []
+            rows[-1].update(vs_njepa=mean_std(diffs_n) if diffs_n else None, pairs_njepa=len(diffs_n))
     rows.sort(key=lambda r: (r["probe"]["label_fraction"] != 1.0, r["arm"] != "I-JEPA", r["arm"], r["probe"]["epoch"] or 0))
     fmt = lambda ms, d=2: "" if not ms else f"{ms[0]:.{d}f}" + (f" ± {ms[1]:.{d}f}" if ms[1] is not None else "")
     head = ["arm", "epoch", "labels", "n", "top-1 %", "random init %", "gain over random", "vs I-JEPA (paired)", "collapsed", "teacher_std"]
@@ -119,6 +137,10 @@ def table(results):
     cells = [[r["arm"], f"{r['probe']['epoch']:g}" if r["probe"]["epoch"] is not None else "", f"{100 * r['probe']['label_fraction']:g}%", str(len(r["seeds"])), fmt(r["top1"]), fmt(r["random_init"]),
               fmt(r["gain"]), fmt(r["vs_ijepa"]) + pairs(r), f"{r['collapsed']} of {len(r['seeds'])}", fmt(r["teacher_std"], 3)]
              for r in rows]
+    if vs_njepa:
+        head.insert(8, "vs N-JEPA (paired)")
+        for c, r in zip(cells, rows):
+            c.insert(8, fmt(r["vs_njepa"]) + (f" ({r['pairs_njepa']})" if r["vs_njepa"] else ""))
     width = [max(len(c[i]) for c in [head] + cells) for i in range(len(head))]
     line = lambda c: "| " + " | ".join(x.ljust(w) if i == 0 else x.rjust(w) for i, (x, w) in enumerate(zip(c, width))) + " |"
     lines = [line(head), "|" + "|".join("-" * (w + 2) for w in width) + "|"] + [line(c) for c in cells]
@@ -283,6 +305,8 @@ def main(argv=None):
     p = argparse.ArgumentParser(description="Tables and curves across runs (from probe JSON files and run folders)")
     p.add_argument("--table", nargs="+", metavar="JSON", help="probe results (probe*.json, probe.jsonl: its last line): mean ± std by arm")
     p.add_argument("--table-json", help="with --table: also write the table's rows to this JSON file")
+    p.add_argument("--vs-njepa", action="store_true", help="with --table: also the paired difference to the N-JEPA arm with the "
+                                                           "paper's defaults (same other options)")
     p.add_argument("--curves", nargs="+", metavar="RUN_DIR", help="draw kNN and probe against epochs of these runs (mean and band "
                                                                   "per arm) and print the kNN numbers (mean ± std, paired to I-JEPA) ...")
     p.add_argument("--curves-out", default="learning-curve.png", help="... into this PNG")
@@ -305,7 +329,7 @@ def main(argv=None):
             results = read_results([f for pat in args.table for f in sorted(glob.glob(pat)) or [pat]])
             if not results:
                 raise ValueError("--table found no results")
-            rows, text = table(results)
+            rows, text = table(results, vs_njepa=args.vs_njepa)
             print(text)
             if args.table_json:
                 with open(args.table_json, "w") as f:
