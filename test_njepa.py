@@ -400,6 +400,16 @@ def test_losses_against_hand_computed_values():
     assert pred_c.grad[0, 0, 0, 0].item() == pytest.approx(0.5 / 2 + 0.1 * (0.5 - 1.0))
 
 
+def test_losses_never_send_gradient_into_the_targets():
+    """Alg. 1 line 18 (`.detach()`): the teacher's targets are constants of the loss. In training they
+    come from a no_grad forward already; njepa_loss detaches them itself, so a caller whose targets still
+    carry a graph (an online teacher, a test) cannot train the teacher through L_CT or L_NT."""
+    target = torch.randn(2, 4, 3, 8, requires_grad=True)
+    pred_c, pred_n = torch.randn(2, 4, 3, 8, requires_grad=True), torch.randn(2, 4, 3, 8, requires_grad=True)
+    total, _ = losses.njepa_loss(pred_c, pred_n, target * 2.0)
+    total.backward()
+    assert target.grad is None and pred_c.grad is not None and pred_n.grad is not None
+
 def test_ijepa_mode_and_missing_predictor():
     t, p = torch.zeros(2, 3), torch.ones(2, 3)
     total, parts = losses.njepa_loss(p, None, t, 0.0, 0.0)
