@@ -182,6 +182,13 @@ def test_masks_invariants_on_14x14():
                 assert 0.75 - 0.3 <= h / w <= 1.5 + 0.4  # aspect (0.75, 1.5), up to rounding
 
 
+def test_min_keep_is_ijepas_ten_patches_of_196():
+    """I-JEPA's MaskCollator keeps at least min_keep = 10 context patches on its 14x14 grid (224 / 16);
+    njepa scales that share to other grids (SPEC 2, masks): 10 at 14x14, ceil(640 / 196) = 4 at 8x8,
+    and at least 1."""
+    assert masks.default_min_keep(14, 14) == 10
+    assert masks.default_min_keep(8, 8) == 4 and masks.default_min_keep(4, 4) == 1 and masks.default_min_keep(16, 16) == 14
+
 def test_masks_reach_every_cell_including_last_row_and_column():
     g = torch.Generator().manual_seed(1)
     seen_t, seen_c = torch.zeros(196, dtype=torch.bool), torch.zeros(196, dtype=torch.bool)
