@@ -1,3 +1,5 @@
+# Written for the code before the lean-core move (run it from a checkout of commit 8a7ec03, where its
+# texts stand in these files); the current sweep is results/mutation-check-sweep.py.
 # Mutation check of this round's tests (online kNN, snapshots, context cut, CPU bf16, curves): each
 # mutation is applied, the tests that guard it run, the file is restored. Run: python results/mutation-check-curves.py
 import subprocess, sys, shutil

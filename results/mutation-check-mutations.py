@@ -1,3 +1,5 @@
+# Written for the code before the lean-core move (run it from a checkout of commit 8a7ec03, where its
+# texts stand in these files); the current sweep is results/mutation-check-sweep.py.
 # (file, old, new, test selector) -- each mutation must make its test fail
 M = [
  ("model.py", "            psi = psi + noise  # Alg. 1 line 14", "            ctx = ctx + noise.mean(2, keepdim=True)  # BUG: noise on the context", "noise_only_on_mask_tokens"),
