@@ -489,6 +489,21 @@ def test_help_shows_the_real_default_of_the_chosen_setting():
     assert "[default: 224]" in flat(paper) and "(default: None)" not in small
 
 
+def test_a_folder_gets_the_papers_setting_and_the_builtin_data_keeps_its_method():
+    """--data DIR takes the paper's numbers (Sec. 4.2-4.4, Table 2, EDM): ViT-B/16 at 224 px, batch 128,
+    100 epochs, lr 1e-3 after a 40-epoch warmup, predictors of depth 6 and width 384, lambdas 0.1, EDM's
+    log-normal (-1.2, 1.2) drawn per block, EMA 0.996, wd 0.04, ipe_scale 1.25, unshared predictors. The
+    built-in data shrinks the model and the run, not the method (depth-6 predictors, the same noise)."""
+    paper = vars(train.resolve_config(train.parse_args(["--data", "/data/imagenet"])))
+    want = dict(model="vit_base", img=224, patch=16, batch=128, epochs=100, lr=1e-3, warmup=40.0, pred_depth=6, pred_dim=384,
+                lambda1=0.1, lambda2=0.1, noise="multi", noise_dist="lognormal", p_mean=-1.2, p_std=1.2, sigma_max=None,
+                ema=0.996, wd=0.04, ipe_scale=1.25, lr_schedule="cosine", share_predictor=False, share_mask_token=False,
+                cn_stopgrad=False, context_keep="random")
+    assert {k: paper[k] for k in want} == want
+    small = vars(train.resolve_config(train.parse_args([])))
+    assert {k: small[k] for k in ("pred_depth", "noise", "p_mean", "p_std", "lambda1", "ema", "ipe_scale")} == \
+        {"pred_depth": 6, "noise": "multi", "p_mean": -1.2, "p_std": 1.2, "lambda1": 0.1, "ema": 0.996, "ipe_scale": 1.25}
+
 def test_ema_update_and_param_groups():
     torch.manual_seed(0)
     s, t = torch.nn.Linear(3, 2), torch.nn.Linear(3, 2)
