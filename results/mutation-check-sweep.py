@@ -4,6 +4,7 @@
 # A mutant is CAUGHT when any test of the suite fails, SURVIVED when the whole suite passes.
 # Run from the repository root of a checkout you do not edit meanwhile (it rewrites the files):
 #   python results/mutation-check-sweep.py > results/mutation-check-sweep.txt
+# or a slice of the list, e.g. two checkouts side by side: ... mutation-check-sweep.py 0 42 and ... 42 54
 import subprocess
 import sys
 import time
@@ -85,7 +86,8 @@ def pytest(*args, timeout=1800):
 
 
 counts = {"CAUGHT": 0, "SURVIVED": 0, "BAD": 0, "trajectory": 0}
-for i, (what, f, old, new, guard) in enumerate(M):
+first, last = (int(sys.argv[1]), int(sys.argv[2])) if len(sys.argv) > 2 else (0, len(M))
+for i, (what, f, old, new, guard) in list(enumerate(M))[first:last]:
     src = open(f).read()
     if src.count(old) != 1:
         print(f"{i:2d} BAD      {f}: {what}: the old text occurs {src.count(old)} times", flush=True)
@@ -105,5 +107,5 @@ for i, (what, f, old, new, guard) in enumerate(M):
         print(f"{i:2d} {verdict:8s} {f}: {what} | trajectory {'fails' if rc_t else 'passes'} | {how}: {last} ({dt:.0f} s)", flush=True)
     finally:
         open(f, "w").write(src)
-print(f"# {len(M)} mutants: {counts['CAUGHT']} caught, {counts['SURVIVED']} survived, {counts['BAD']} not applied; "
+print(f"# mutants {first}-{last - 1} of {len(M)}: {counts['CAUGHT']} caught, {counts['SURVIVED']} survived, {counts['BAD']} not applied; "
       f"the trajectory tests alone catch {counts['trajectory']}", flush=True)
