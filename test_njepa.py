@@ -1423,6 +1423,22 @@ def test_probe_cli_baseline_cache_layers_fractions_and_classes(tmp_path, capsys)
     assert probe.main(["--ckpt", str(tmp_path / "missing.pt")]) == 2
 
 
+def test_probe_features_are_the_mean_over_patch_tokens_of_the_final_normed_output():
+    """Sec. 4.5: "averaging its output": one feature vector per image is the mean over its N patch tokens
+    of the encoder's final-normed output [B, N, D] (no class token), on the evaluation crop; with
+    --last-layers k the same for each of the last k blocks, concatenated (Table 6b)."""
+    ds = data.build_dataset("shapes", "test", 32, subset_per_class=1)
+    torch.manual_seed(0)
+    enc = model.vit("vit_tiny", img_size=32, patch_size=8).eval()
+    x, y = probe.extract_features(enc, ds, 32, 1, torch.device("cpu"))
+    images, labels, _ = data.eval_images(ds, list(range(len(ds))), 32)
+    with torch.no_grad():
+        out = enc(data.normalize(images))  # [B, N, D]
+        layers = enc(data.normalize(images), return_layers=4)
+    assert out.shape[1] == 16 and torch.allclose(x, out.mean(1), atol=1e-5) and torch.equal(y, labels)
+    x4, _ = probe.extract_features(enc, ds, 32, 4, torch.device("cpu"))
+    assert torch.allclose(x4, torch.cat([o.mean(1) for o in layers], 1), atol=1e-5) and x4.shape[1] == 4 * 192
+
 def test_random_init_twin_is_the_students_initialisation():
     cfg = cfg_for(model="vit_tiny", img=32, patch=8, seed=3)
     torch.manual_seed(3)  # what train() does before build_models
