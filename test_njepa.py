@@ -1378,6 +1378,20 @@ def test_chosen_l2_is_the_one_the_folds_prefer():
     assert chosen == 1e-1 and len(set(round(v, 6) for v in by_hand)) > 1  # an interior pick: the grid matters
 
 
+def test_linear_probe_standardises_features_so_their_scale_does_not_matter():
+    """SPEC 2 (linear probe): the classifier sees features standardised with the training labels'
+    mean and std, so rescaling or shifting any feature changes nothing: the same L2 is chosen and the
+    same test images are right. Without the standardisation the L2 penalty weighs features by scale."""
+    g = torch.Generator().manual_seed(0)
+    centres = torch.randn(4, 16, generator=g) * 1.5
+    y, ty = torch.arange(400) % 4, torch.arange(200) % 4
+    x, tx = centres[y] + torch.randn(400, 16, generator=g) * 2, centres[ty] + torch.randn(200, 16, generator=g) * 2
+    scale = torch.logspace(-3, 2, 16)  # features from 1e-3 to 1e2 in size
+    shift = torch.linspace(-50, 50, 16)
+    a = probe.linear_probe(x, y, tx, ty, 4, repeats=1)
+    b = probe.linear_probe(x * scale + shift, y, tx * scale + shift, ty, 4, repeats=1)
+    assert (a["top1"], a["chosen"]) == (b["top1"], b["chosen"]) and a["top1"] > 0.5
+
 def test_stratified_folds_balance_classes():
     y = torch.tensor([0] * 10 + [1] * 7 + [2] * 3)
     fold = probe.stratified_folds(y, 5, torch.Generator().manual_seed(0))
