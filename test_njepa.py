@@ -1553,6 +1553,25 @@ def test_knn_separates_blobs_sees_chance_on_shuffled_labels_and_is_deterministic
     assert probe.knn_top1(bank, labels, torch.tensor([[0.9, 0.2], [0.1, 0.9]]), torch.tensor([0, 1]), 3, k=1) == 1.0
 
 
+def test_knn_votes_are_weighted_by_exp_similarity_over_dinos_temperature():
+    """DINO's eval_knn (k = 20, T = 0.07): neighbours vote with exp(cos / T). One close neighbour of class
+    0 (cos 0.99) against two farther ones of class 1 (cos 0.80): at T = 0.07 the close one outweighs
+    them (e^14.1 against 2 e^11.4); at T = 0.7 the two would win (e^1.41 against 2 e^1.14)."""
+    assert (probe.KNN_K, probe.KNN_T) == (20, 0.07)
+    q = torch.tensor([[1.0, 0.0]])
+    at = lambda c: torch.tensor([[c, math.sqrt(1 - c * c)]])
+    bank = torch.cat([at(0.99), at(0.80), torch.tensor([[0.80, -0.6]]), torch.tensor([[-1.0, 0.0]])])
+    labels = torch.tensor([0, 1, 1, 0])
+    assert probe.knn_top1(bank, labels, q, torch.tensor([0]), 2, k=3, temperature=probe.KNN_T) == 1.0
+    assert probe.knn_top1(bank, labels, q, torch.tensor([1]), 2, k=3, temperature=0.7) == 1.0
+
+
+def test_probe_l2_grid_reaches_down_to_1e_6_strongest_first():
+    """SPEC 2 (linear probe): random-init features preferred L2 1e-6 - 1e-5, and a grid that started at
+    1e-4 cost them 2-3 points; the grid runs strongest first, so each fit warm-starts the next."""
+    grid = probe.L2_GRID
+    assert min(grid) <= 1e-6 and max(grid) >= 1e-1 and list(grid) == sorted(grid, reverse=True)
+
 def test_online_knn_leaves_the_run_unchanged_and_logs_student_and_teacher(tmp_path, capsys):
     """A run with the online kNN makes exactly the losses and weights of a run without it, logs student
     and teacher top-1 at step 0 and after each epoch, prints one line each, and draws them. The eval
