@@ -4,7 +4,7 @@
 # A mutant is CAUGHT when any test of the suite fails, SURVIVED when the whole suite passes.
 # Run from the repository root of a checkout you do not edit meanwhile (it rewrites the files):
 #   python results/mutation-check-sweep.py > results/mutation-check-sweep.txt
-# or a slice of the list, e.g. two checkouts side by side: ... mutation-check-sweep.py 0 42 and ... 42 54
+# or a slice of the list (two checkouts side by side: ... 0 42 and ... 42 54), or a list of them: ... 6,23,26
 import subprocess
 import sys
 import time
@@ -18,7 +18,7 @@ M = [
  ("Eq. 9 L_CN is MSE", "losses.py", "cn = F.mse_loss(pred_n.float(), clean.float())", "cn = F.smooth_l1_loss(pred_n.float(), clean.float())", "losses_against"),
  ("Eq. 10 lambda1 weighs L_NT, lambda2 L_CN", "losses.py", "total = ct + lambda1 * nt + lambda2 * cn", "total = ct + lambda2 * nt + lambda1 * cn", "losses_against"),
  ("Alg. 1 l.18 no stop-gradient in L_CN", "losses.py", "clean = pred_c.detach() if cn_stopgrad else pred_c", "clean = pred_c.detach()", "l_cn_trains_both"),
- ("teacher targets detached", "losses.py", "target = target.detach().float()", "target = target.float()", "losses_against or l_cn_trains"),
+ ("teacher targets detached", "losses.py", "target = target.detach().float()", "target = target.float()", "never_send_gradient"),
  ("default lambdas 0.1 / 0.1 (Table 2)", "train.py", '("lambda1",          0.1,        0.1,', '("lambda1",          0.2,        0.2,', "help_shows"),
  # noise (Eq. 3, Sec. 4.2; SPEC "noise sigma", "noise scale vs width", "noise levels", "where noise goes", "noise bound")
  ("EDM log-normal sigma = exp(P_mean + P_std xi)", "noise.py", "return torch.exp(p_mean + p_std * xi)", "return torch.exp(p_mean + p_std ** 2 * xi)", "sigma_is_lognormal"),
@@ -37,11 +37,11 @@ M = [
  ("context scale (0.85, 1.0)", "masks.py", "context_scale=(0.85, 1.0)", "context_scale=(0.5, 1.0)", "masks_invariants"),
  ("targets removed from the context", "masks.py", "context = place_block(g, ch, cw, grid_h, grid_w) & ~covered", "context = place_block(g, ch, cw, grid_h, grid_w)", "masks_invariants"),
  ("block corners reach the last row/column", "masks.py", "top = int(torch.randint(0, grid_h - h + 1, (1,), generator=generator))", "top = int(torch.randint(0, max(1, grid_h - h), (1,), generator=generator))", "masks_reach_every_cell"),
- ("min_keep as I-JEPA (10 of 196)", "masks.py", "return max(1, math.ceil(10 * grid_h * grid_w / 196))", "return max(1, math.ceil(10 * grid_h * grid_w / 392))", "masks_invariants or masks_are_deterministic"),
+ ("min_keep as I-JEPA (10 of 196)", "masks.py", "return max(1, math.ceil(10 * grid_h * grid_w / 196))", "return max(1, math.ceil(10 * grid_h * grid_w / 392))", "min_keep_is"),
  ("a random context cut by default", "train.py", '("context_keep",     "random",   "random",', '("context_keep",     "first",    "first",', "context_keep or help_shows"),
  # predictors (Sec. 3.2, 4.2; SPEC "predictors", "predictor size")
  ("predictor width 384, half the encoder width below", "model.py", "return min(384, embed_dim // 2)", "return min(384, embed_dim // 4)", "vit_shapes or help_shows"),
- ("predictor depth 6", "train.py", '("pred_depth",       6,          6,', '("pred_depth",       4,          4,', "help_shows"),
+ ("predictor depth 6", "train.py", '("pred_depth",       6,          6,', '("pred_depth",       4,          4,', "folder_gets"),
  ("predictor heads = encoder heads (I-JEPA)", "train.py", "student.num_heads, shared_mask_token=token)", "4, shared_mask_token=token)", "predictor_shapes"),
  ("unshared predictors by default (Table 6a)", "train.py", '("share_predictor",  False,      False,', '("share_predictor",  True,       True,', "ijepa_mode_has or training_loss_falls"),
  ("mask token trunc_normal(0.02) init", "model.py", "            nn.init.trunc_normal_(self.mask_token, std=0.02)", "            pass", "init_is_what"),
@@ -67,12 +67,12 @@ M = [
  ("warmup min(40, 0.4 epochs)", "train.py", "cfg.warmup = min(40.0, 0.4 * cfg.epochs) if cfg.warmup is None else cfg.warmup", "cfg.warmup = min(40.0, 0.5 * cfg.epochs) if cfg.warmup is None else cfg.warmup", "warmup_default"),
  # probe (Sec. 4.5; SPEC "eval encoder", "linear probe", "low-shot", "quality curve")
  ("the student by default (Sec. 4.5)", "probe.py", 'cfg, name = raw["config"], {None: "student",', 'cfg, name = raw["config"], {None: "teacher",', "student_of_an"),
- ("average-pooled patch tokens", "probe.py", "feats.append(torch.cat([o.float().mean(1) for o in outs], dim=1).cpu())", "feats.append(torch.cat([o.float()[:, 0] for o in outs], dim=1).cpu())", "probe_cli or random_init_twin"),
- ("features standardised by the training labels' statistics", "probe.py", "    x, tx = (x - mean) / std, (test_x - mean) / std", "    x, tx = (x - mean), (test_x - mean)", "lbfgs or probe_cli"),
- ("L2 grid reaches 1e-6", "probe.py", "L2_GRID = (1e-1, 1e-2, 1e-3, 1e-4, 1e-5, 1e-6, 1e-7)", "L2_GRID = (1e-1, 1e-2, 1e-3, 1e-4)", "lbfgs or chosen_l2"),
+ ("average-pooled patch tokens", "probe.py", "feats.append(torch.cat([o.float().mean(1) for o in outs], dim=1).cpu())", "feats.append(torch.cat([o.float()[:, 0] for o in outs], dim=1).cpu())", "mean_over_patch_tokens"),
+ ("features standardised by the training labels' statistics", "probe.py", "    x, tx = (x - mean) / std, (test_x - mean) / std", "    x, tx = (x - mean), (test_x - mean)", "standardises"),
+ ("L2 grid reaches 1e-6", "probe.py", "L2_GRID = (1e-1, 1e-2, 1e-3, 1e-4, 1e-5, 1e-6, 1e-7)", "L2_GRID = (1e-1, 1e-2, 1e-3, 1e-4)", "l2_grid_reaches"),
  ("refit with the chosen L2", "probe.py", "w = logreg_path(x, y, n_classes, [l2 for l2 in l2_grid if l2 >= chosen])[-1]", "w = logreg_path(x, y, n_classes, l2_grid[:1])[-1]", "lbfgs or chosen_l2"),
  ("low-shot subsets per class", "probe.py", "        k = max(1, int(round(fraction * len(idx))))", "        k = max(1, int(round(fraction * len(labels) / 2)))", "stratified_subset"),
- ("kNN k = 20, T = 0.07 (DINO)", "probe.py", "KNN_K, KNN_T = 20, 0.07", "KNN_K, KNN_T = 20, 0.7", "knn_separates or online_knn"),
+ ("kNN k = 20, T = 0.07 (DINO)", "probe.py", "KNN_K, KNN_T = 20, 0.07", "KNN_K, KNN_T = 20, 0.7", "weighted_by_exp"),
  ("auto precision: bf16 on AMX and CUDA", "model.py", '    return "bf16" if device.type == "cuda" or cpu_has_amx() else "fp32"', '    return "fp32"', "cpu_bf16_attention"),
 ]
 
@@ -87,7 +87,8 @@ def pytest(*args, timeout=1800):
 
 counts = {"CAUGHT": 0, "SURVIVED": 0, "BAD": 0, "trajectory": 0}
 first, last = (int(sys.argv[1]), int(sys.argv[2])) if len(sys.argv) > 2 else (0, len(M))
-for i, (what, f, old, new, guard) in list(enumerate(M))[first:last]:
+picked = [int(k) for k in sys.argv[1].split(",")] if len(sys.argv) == 2 else range(first, last)  # or a list: 6,23,26
+for i, (what, f, old, new, guard) in [(k, M[k]) for k in picked]:
     src = open(f).read()
     if src.count(old) != 1:
         print(f"{i:2d} BAD      {f}: {what}: the old text occurs {src.count(old)} times", flush=True)
@@ -107,5 +108,5 @@ for i, (what, f, old, new, guard) in list(enumerate(M))[first:last]:
         print(f"{i:2d} {verdict:8s} {f}: {what} | trajectory {'fails' if rc_t else 'passes'} | {how}: {last} ({dt:.0f} s)", flush=True)
     finally:
         open(f, "w").write(src)
-print(f"# mutants {first}-{last - 1} of {len(M)}: {counts['CAUGHT']} caught, {counts['SURVIVED']} survived, {counts['BAD']} not applied; "
+print(f"# mutants {list(picked) if len(sys.argv) == 2 else f'{first}-{last - 1}'} of {len(M)}: {counts['CAUGHT']} caught, {counts['SURVIVED']} survived, {counts['BAD']} not applied; "
       f"the trajectory tests alone catch {counts['trajectory']}", flush=True)
