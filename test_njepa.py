@@ -1392,6 +1392,23 @@ def test_linear_probe_standardises_features_so_their_scale_does_not_matter():
     b = probe.linear_probe(x * scale + shift, y, tx * scale + shift, ty, 4, repeats=1)
     assert (a["top1"], a["chosen"]) == (b["top1"], b["chosen"]) and a["top1"] > 0.5
 
+
+def test_linear_probe_refits_on_all_labels_with_the_chosen_l2():
+    """SPEC 2 (linear probe): after the folds choose the L2, the classifier is refit on all the training
+    labels with that L2 (warm-started down the grid) and the test split is scored once. The top-1 equals
+    that of a refit by hand; a refit with another L2 of the grid gives another top-1 on these features."""
+    g = torch.Generator().manual_seed(0)
+    w = torch.randn(5, 24, generator=g)  # labels = argmax of a linear map: a weak L2 (large weights) fits best
+    x, tx = torch.randn(1000, 24, generator=g), torch.randn(500, 24, generator=g)
+    y, ty = (x @ w.T).argmax(1), (tx @ w.T).argmax(1)
+    res = probe.linear_probe(x, y, tx, ty, 5, repeats=1)
+    assert res["chosen"] < 1e-3  # measured: 1e-6
+    mean, std = x.mean(0), x.std(0).clamp_min(1e-6)
+    z, tz = ((x - mean) / std).double(), ((tx - mean) / std).double()
+    top1 = lambda l2: (probe.predict(probe.logreg_path(z, y, 5, [v for v in probe.L2_GRID if v >= l2])[-1], tz) == ty).double().mean().item()
+    assert res["top1"] == top1(res["chosen"])
+    assert any(top1(l2) != res["top1"] for l2 in probe.L2_GRID if l2 != res["chosen"])
+
 def test_stratified_folds_balance_classes():
     y = torch.tensor([0] * 10 + [1] * 7 + [2] * 3)
     fold = probe.stratified_folds(y, 5, torch.Generator().manual_seed(0))
