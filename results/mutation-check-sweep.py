@@ -70,7 +70,7 @@ M = [
  ("average-pooled patch tokens", "probe.py", "feats.append(torch.cat([o.float().mean(1) for o in outs], dim=1).cpu())", "feats.append(torch.cat([o.float()[:, 0] for o in outs], dim=1).cpu())", "mean_over_patch_tokens"),
  ("features standardised by the training labels' statistics", "probe.py", "    x, tx = (x - mean) / std, (test_x - mean) / std", "    x, tx = (x - mean), (test_x - mean)", "standardises"),
  ("L2 grid reaches 1e-6", "probe.py", "L2_GRID = (1e-1, 1e-2, 1e-3, 1e-4, 1e-5, 1e-6, 1e-7)", "L2_GRID = (1e-1, 1e-2, 1e-3, 1e-4)", "l2_grid_reaches"),
- ("refit with the chosen L2", "probe.py", "w = logreg_path(x, y, n_classes, [l2 for l2 in l2_grid if l2 >= chosen])[-1]", "w = logreg_path(x, y, n_classes, l2_grid[:1])[-1]", "lbfgs or chosen_l2"),
+ ("refit with the chosen L2", "probe.py", "w = logreg_path(x, y, n_classes, [l2 for l2 in l2_grid if l2 >= chosen])[-1]", "w = logreg_path(x, y, n_classes, l2_grid[:1])[-1]", "refits_on_all"),
  ("low-shot subsets per class", "probe.py", "        k = max(1, int(round(fraction * len(idx))))", "        k = max(1, int(round(fraction * len(labels) / 2)))", "stratified_subset"),
  ("kNN k = 20, T = 0.07 (DINO)", "probe.py", "KNN_K, KNN_T = 20, 0.07", "KNN_K, KNN_T = 20, 0.7", "weighted_by_exp"),
  ("auto precision: bf16 on AMX and CUDA", "model.py", '    return "bf16" if device.type == "cuda" or cpu_has_amx() else "fp32"', '    return "fp32"', "cpu_bf16_attention"),
