@@ -401,7 +401,7 @@ def cpu_has_amx():
 
 def resolve_precision(precision, device):
     """--precision auto: bf16 autocast on CUDA, and on a CPU with AMX (measured with --bench on a Xeon
-    with AMX, vit_tiny 64/8 batch 64: 1.59x I-JEPA, 1.49x N-JEPA, README "Speed"); fp32 elsewhere (an
+    with AMX, vit_tiny 64/8 batch 64: 1.59x I-JEPA, 1.49x N-JEPA, docs/performance.md); fp32 elsewhere (an
     EPYC with avx512_bf16 and no AMX measured 0.96-1.42x, and CPU bf16 attention is slow, see model.py)."""
     if precision != "auto":
         return precision

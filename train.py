@@ -361,7 +361,7 @@ def resolve_config(args, ckpt_config=None):
 
 
 def fill_derived(cfg):
-    """The defaults that depend on other options (also used by probe.py to group runs of older code)."""
+    """The defaults that depend on other options (also used by tools/report.py to group runs of older code)."""
     cfg.pred_dim = cfg.pred_dim or default_predictor_dim(PRESETS[cfg.model]["embed_dim"])
     cfg.warmup = min(40.0, 0.4 * cfg.epochs) if cfg.warmup is None else cfg.warmup  # Sec. 4.4; SPEC 2
     return cfg
