@@ -96,17 +96,14 @@ def placed_fraction(dim, grid, dist="lognormal", p_mean=P_MEAN, p_std=P_STD, sig
     0.75 at width 96 on 8x8 (vit_tiny 64/8), 0.86 at width 384 on 14x14 (the paper's ViT-B/16)."""
     from model import sincos_pos_embed_2d
     g = torch.Generator().manual_seed(seed)
-    pos = sincos_pos_embed_2d(dim, grid, grid).double()  # [N, P]
+    pos = sincos_pos_embed_2d(dim, grid, grid)  # [N, P]
     idx = torch.randint(0, len(pos), (draws,), generator=g)  # [M]
-    if dist == "fixed":
-        sigma = torch.full((draws,), SIGMA_DATA, dtype=torch.float64)
-    else:
-        sigma = sample_sigma((draws,), p_mean, p_std, generator=g).double()  # [M]
-    sigma = sigma.clamp(max=sigma_max) if sigma_max is not None else sigma
     placed = 0
     for i in range(0, draws, 4096):
         j = idx[i:i + 4096]
-        noisy = pos[j] + sigma[i:i + 4096, None] * torch.randn(len(j), dim, generator=g, dtype=torch.float64)  # [m, P]
+        # the run's own noise: one block of one token per draw, sigma from `dist` (clipped at sigma_max)
+        n, _ = sample_noise(len(j), 1, 1, dim, "multi", dist, generator=g, sigma_max=sigma_max, p_mean=p_mean, p_std=p_std)
+        noisy = pos[j] + n[:, 0, 0]  # [m, P]
         placed += (torch.cdist(noisy, pos).argmin(1) == j).sum().item()  # nearest clean position is its own
     return placed / draws
 
