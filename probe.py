@@ -552,6 +552,7 @@ class OnlineKnn:
 
 
 def read_log(path):
+    """The records of a JSON-lines file (a run's log.jsonl, its probe.jsonl); [] when there is none."""
     if not os.path.exists(path):
         return []
     with open(path) as f:

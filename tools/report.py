@@ -170,7 +170,7 @@ def run_points(folder):
     recs = probe.read_log(os.path.join(folder, "log.jsonl"))
     knn = [(r["epoch"], 100 * r["knn_student"], 100 * r["knn_teacher"]) for r in recs if "knn_student" in r]
     jsonl = os.path.join(folder, "probe.jsonl")
-    results = read_results_lines(jsonl) if os.path.exists(jsonl) else read_results(sorted(glob.glob(os.path.join(folder, "probe*.json"))))
+    results = probe.read_log(jsonl) if os.path.exists(jsonl) else read_results(sorted(glob.glob(os.path.join(folder, "probe*.json"))))
     probes = {}
     for r in results:
         if r.get("label_fraction") == 1.0 and r.get("encoder") == "student" and r.get("last_layers") == 1 and "random_init" in r:
@@ -181,11 +181,6 @@ def run_points(folder):
     if config is None and os.path.exists(os.path.join(folder, "ckpt.pt")):  # a run not probed yet
         config = model.load_checkpoint(os.path.join(folder, "ckpt.pt"))["config"]
     return config or {}, knn, sorted(probes.values())
-
-
-def read_results_lines(path):
-    with open(path) as f:
-        return [json.loads(line) for line in f if line.strip()]
 
 
 def curve_bands(runs, column):

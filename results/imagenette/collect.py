@@ -11,7 +11,8 @@ import sys
 import torch
 
 here = os.path.dirname(os.path.abspath(__file__))
-sys.path.insert(0, os.path.dirname(os.path.dirname(here)))  # the repository root: tools/report.py
+sys.path.insert(0, os.path.dirname(os.path.dirname(here)))  # the repository root: probe.py, tools/report.py
+import probe  # noqa: E402
 from tools import report  # noqa: E402
 parser = argparse.ArgumentParser(description="Copy runs of the ImageNette study into results/imagenette/RUN/ (thinned)")
 parser.add_argument("runs", nargs="+", metavar="RUN_DIR", help="run folders, e.g. runs/in-*")
@@ -19,14 +20,14 @@ for run in parser.parse_args().runs:
     name = os.path.basename(os.path.normpath(run))
     dest = os.path.join(here, name)
     os.makedirs(dest, exist_ok=True)
-    recs = [json.loads(line) for line in open(os.path.join(run, "log.jsonl")) if line.strip()]
+    recs = probe.read_log(os.path.join(run, "log.jsonl"))
     keep = [r for i, r in enumerate(recs) if "knn_student" in r or r["step"] % 100 == 0 or i == len(recs) - 1]
     with open(os.path.join(dest, "log.jsonl"), "w") as f:
         f.writelines(json.dumps(r) + "\n" for r in keep)
     if os.path.exists(os.path.join(run, "probe.jsonl")):
         shutil.copy(os.path.join(run, "probe.jsonl"), os.path.join(dest, "probe.jsonl"))
         latest = {}  # (epoch, label fraction) -> the last student, last-layer result
-        for r in report.read_results_lines(os.path.join(run, "probe.jsonl")):
+        for r in probe.read_log(os.path.join(run, "probe.jsonl")):
             if r.get("encoder") == "student" and r.get("last_layers") == 1:
                 latest[(round(report.result_epoch(r)), r["label_fraction"])] = r
         for (epoch, fraction), r in latest.items():
