@@ -1749,15 +1749,42 @@ def test_table_groups_by_config_and_pairs_seeds(tmp_path, capsys):
     assert " 50.00 |" in text and " 1.00 (1 pair) |" in text and "± 0.00" not in text
 
 
+def test_table_vs_pairs_each_arm_with_the_arm_of_the_changed_options(capsys):
+    """--vs lr_schedule=cosine: each arm against its twin with that option changed, paired by seed (the
+    noise-cost study's const-* arms against the cosine references); lambda1=0,lambda2=0,...: against
+    I-JEPA. Breaks if the change is ignored (every arm its own twin), if other options may differ too,
+    or if a misspelt option passes silently."""
+    const = dict(lr_schedule="constant")
+    results = [fake_result(s, t, 0.4, lambda1=0.0, lambda2=0.0) for s, t in ((0, 0.60), (1, 0.62), (2, 0.61))]   # I-JEPA
+    results += [fake_result(s, t, 0.4) for s, t in ((0, 0.55), (1, 0.58), (2, 0.56))]                           # N-JEPA
+    results += [fake_result(s, t, 0.4, lambda1=0.0, lambda2=0.0, **const) for s, t in ((0, 0.58), (1, 0.60), (2, 0.63))]
+    results += [fake_result(s, t, 0.4, **const) for s, t in ((2, 0.60), (0, 0.59), (1, 0.57))]                  # another order
+    results += [fake_result(0, 0.50, 0.4, lr=3e-4, **const)]  # differs in lr as well: no cosine twin
+    vs = [("cos", report.parse_vs("lr_schedule=cosine")), ("ij", report.parse_vs("lambda1=0,lambda2=0,lr_schedule=cosine"))]
+    rows, text = report.table(results, vs=vs)
+    by = {r["arm"].replace(" lr=0.0001", ""): r["vs"] for r in rows}  # lr is in the names: one arm has another
+    assert by["N-JEPA lr_schedule=constant"]["cos"]["diff"] == pytest.approx((2.333333, 2.886751), rel=1e-5)  # 4, -1, 4 points
+    assert by["I-JEPA lr_schedule=constant"]["cos"]["diff"] == pytest.approx((-0.666667, 2.309401), rel=1e-5)  # -2, -2, 2
+    assert by["N-JEPA lr_schedule=constant"]["ij"]["diff"] == pytest.approx((-2.333333, 2.309401), rel=1e-5)  # -1, -5, -1
+    assert by["N-JEPA lr_schedule=cosine"]["cos"]["diff"] is None and by["N-JEPA lr_schedule=cosine"]["ij"]["diff"] == pytest.approx((-4.666667, 0.577350), rel=1e-5)
+    assert by["N-JEPA lr=0.0003 lr_schedule=constant"]["cos"]["diff"] is None
+    assert "vs cos (paired)" in text and " 2.33 ± 2.89 (3) |" in text
+    assert report.parse_vs("cn_stopgrad=False,sigma_max=None,p_mean=-1.76") == {"cn_stopgrad": False, "sigma_max": None, "p_mean": -1.76}
+    for bad in ("lr_schedul=cosine", "lr=abc", "lr_schedule", "seed=1"):
+        with pytest.raises(ValueError, match="--vs"):
+            report.parse_vs(bad)
+
+
 # ---------------------------------------------------------------------------------------------
 # the docs: every command they print still runs
 # ---------------------------------------------------------------------------------------------
 def doc_commands(text):
     """(file, flags) of every `python FILE ...`, `torchrun ... FILE ...` and `bash FILE ...` in the code
-    blocks and inline code of a markdown text; a command ends at &&, ;, |, a comment or the code's end."""
+    blocks and inline code of a markdown text; a command ends at &&, ;, |, a comment or the code's end
+    (a line ending in a backslash goes on on the next one)."""
     import re
     spans = re.findall(r"```[a-z]*\n(.*?)```", text, flags=re.S)
-    spans = [line for block in spans for line in block.splitlines()]
+    spans = [line for block in spans for line in block.replace("\\\n", " ").splitlines()]  # a trailing \ continues a line
     spans += re.findall(r"`([^`\n]+)`", re.sub(r"```.*?```", "", text, flags=re.S))
     found = []
     for span in spans:

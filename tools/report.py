@@ -5,6 +5,7 @@ method: it reads what train.py and probe.py wrote.
 
   python tools/report.py --table results/imagenette/in-*-50ep-s*/probe-e*.json   # mean ± std by arm, paired
   python tools/report.py --table runs/*/probe*.json --table-json rows.json       # ... and the rows as JSON
+  python tools/report.py --table results/imagenette/in-*-50ep-s*/probe-e*.json --vs lr_schedule=cosine  # ... and to the cosine twin
   python tools/report.py --curves results/imagenette/in-{ijepa,njepa}-50ep-s* --curves-out docs/learning-curve.png
   python tools/report.py --plot runs/a runs/b --plot-out curves.png             # training curves overlaid
 
@@ -84,6 +85,31 @@ def njepa_twin(arm, arms):
                  and all(a.get(k) == arm.get(k) for k in arm if k not in NOISE_OPTIONS)), None)
 
 
+def parse_vs(text):
+    """--vs 'lr_schedule=cosine,lambda1=0' -> {option: value}, each value read with its train.OPTIONS type."""
+    types = {name: typ for name, _, _, typ, _ in train.OPTIONS if name not in NOT_ARM}
+    change = {}
+    for part in text.split(","):
+        name, sep, value = (x.strip() for x in part.partition("="))
+        name = name.lstrip("-").replace("-", "_")
+        try:
+            if not sep or name not in types:
+                raise ValueError
+            typ = types[name]
+            change[name] = None if value == "None" else value in ("1", "true", "True") if typ is bool else typ(value)
+        except ValueError:
+            raise ValueError(f"--vs {text}: give OPTION=VALUE[,OPTION=VALUE...] with OPTION an arm's option of train.py "
+                             f"and VALUE of its type (e.g. --vs lr_schedule=cosine)") from None
+    return change
+
+
+def changed_twin(arm, arms, change):
+    """The arm among `arms` that is `arm` with the options in `change` set to their values (--vs); None
+    where no such arm exists or it is `arm` itself."""
+    want = dict(arm, **change)
+    return next((a for a in arms if a == want), None) if want != arm else None
+
+
 def paired(by_seed, ref):
     """Per-seed differences (points) of an arm's results to its reference's, over the seeds both have."""
     ref_by_seed = {r["config"].get("seed"): r for r in ref} if ref else {}
@@ -96,10 +122,11 @@ def result_epoch(r):
     return round(e, 2) if e is not None else None
 
 
-def table(results, vs_njepa=False):
+def table(results, vs_njepa=False, vs=()):
     """Group probe results by (arm config, probe settings, epoch: snapshots of one run are points of its
     curve, ordered by epoch). Returns (rows, text). vs_njepa: also the paired difference to the N-JEPA
-    arm with the paper's defaults (`--vs-njepa`)."""
+    arm with the paper's defaults (`--vs-njepa`); vs: [(label, {option: value})], for each a column of
+    the paired difference to the arm with those options changed (`--vs lr_schedule=cosine`)."""
     groups = {}
     for r in results:
         arm = arm_config(r.get("config", {}))
@@ -130,6 +157,11 @@ def table(results, vs_njepa=False):
             twin_n = njepa_twin(arm, [json.loads(k2)[0] for k2 in same_probe])
             diffs_n = paired(by_seed, same_probe[json.dumps([twin_n, probe_key], sort_keys=True)]) if twin_n is not None else []
             rows[-1].update(vs_njepa=mean_std(diffs_n) if diffs_n else None, pairs_njepa=len(diffs_n))
+        rows[-1]["vs"] = {}
+        for label, change in vs:
+            twin_c = changed_twin(arm, [json.loads(k2)[0] for k2 in same_probe], change)
+            diffs_c = paired(by_seed, same_probe[json.dumps([twin_c, probe_key], sort_keys=True)]) if twin_c is not None else []
+            rows[-1]["vs"][label] = {"diff": mean_std(diffs_c) if diffs_c else None, "pairs": len(diffs_c)}
     rows.sort(key=lambda r: (r["probe"]["label_fraction"] != 1.0, r["arm"] != "I-JEPA", r["arm"], r["probe"]["epoch"] or 0))
     fmt = lambda ms, d=2: "" if not ms else f"{ms[0]:.{d}f}" + (f" ± {ms[1]:.{d}f}" if ms[1] is not None else "")
     head = ["arm", "epoch", "labels", "n", "top-1 %", "random init %", "gain over random", "vs I-JEPA (paired)", "collapsed", "teacher_std"]
@@ -141,6 +173,11 @@ def table(results, vs_njepa=False):
         head.insert(8, "vs N-JEPA (paired)")
         for c, r in zip(cells, rows):
             c.insert(8, fmt(r["vs_njepa"]) + (f" ({r['pairs_njepa']})" if r["vs_njepa"] else ""))
+    for j, (label, _) in enumerate(vs):
+        head.insert(len(head) - 2, f"vs {label} (paired)")
+        for c, r in zip(cells, rows):
+            d = r["vs"][label]
+            c.insert(len(c) - 2, fmt(d["diff"]) + (f" ({d['pairs']})" if d["diff"] else ""))
     width = [max(len(c[i]) for c in [head] + cells) for i in range(len(head))]
     line = lambda c: "| " + " | ".join(x.ljust(w) if i == 0 else x.rjust(w) for i, (x, w) in enumerate(zip(c, width))) + " |"
     lines = [line(head), "|" + "|".join("-" * (w + 2) for w in width) + "|"] + [line(c) for c in cells]
@@ -302,6 +339,9 @@ def main(argv=None):
     p.add_argument("--table-json", help="with --table: also write the table's rows to this JSON file")
     p.add_argument("--vs-njepa", action="store_true", help="with --table: also the paired difference to the N-JEPA arm with the "
                                                            "paper's defaults (same other options)")
+    p.add_argument("--vs", action="append", default=[], metavar="OPTION=VALUE[,...]",
+                   help="with --table: also the paired difference to the arm that is each arm with these options changed "
+                        "(e.g. lr_schedule=cosine; lambda1=0,lambda2=0: to I-JEPA); repeatable, one column each")
     p.add_argument("--curves", nargs="+", metavar="RUN_DIR", help="draw kNN and probe against epochs of these runs (mean and band "
                                                                   "per arm) and print the kNN numbers (mean ± std, paired to I-JEPA) ...")
     p.add_argument("--curves-out", default="learning-curve.png", help="... into this PNG")
@@ -324,7 +364,7 @@ def main(argv=None):
             results = read_results([f for pat in args.table for f in sorted(glob.glob(pat)) or [pat]])
             if not results:
                 raise ValueError("--table found no results")
-            rows, text = table(results, vs_njepa=args.vs_njepa)
+            rows, text = table(results, vs_njepa=args.vs_njepa, vs=[(v, parse_vs(v)) for v in args.vs])
             print(text)
             if args.table_json:
                 with open(args.table_json, "w") as f:
