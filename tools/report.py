@@ -138,9 +138,9 @@ def table(results, vs_njepa=False, vs=()):
     for key, runs in groups.items():
         arm, probe_key = json.loads(key)
         by_seed = {r["config"].get("seed"): r for r in runs}
-        same_probe = {k2: g for k2, g in groups.items() if json.loads(k2)[1] == probe_key}
-        twin = ijepa_twin(arm, [json.loads(k2)[0] for k2 in same_probe])
-        ref = same_probe[json.dumps([twin, probe_key], sort_keys=True)] if twin is not None else None
+        peers = [json.loads(k2)[0] for k2 in groups if json.loads(k2)[1] == probe_key]  # arms probed the same way
+        group_of = lambda a: groups[json.dumps([a, probe_key], sort_keys=True)] if a is not None else None
+        ref = group_of(ijepa_twin(arm, peers))
         diffs = paired(by_seed, ref)
         gains = [100 * r["gain"] for r in runs if "gain" in r]
         tops = [100 * r["top1"] for r in runs]
@@ -154,14 +154,12 @@ def table(results, vs_njepa=False, vs=()):
                      "teacher_std": mean_std([r["train"]["final_teacher_std"] for r in runs if r.get("train")])
                      if any(r.get("train") for r in runs) else None, "config": arm})
         if vs_njepa:
-            twin_n = njepa_twin(arm, [json.loads(k2)[0] for k2 in same_probe])
-            diffs_n = paired(by_seed, same_probe[json.dumps([twin_n, probe_key], sort_keys=True)]) if twin_n is not None else []
+            diffs_n = paired(by_seed, group_of(njepa_twin(arm, peers)))
             rows[-1].update(vs_njepa=mean_std(diffs_n) if diffs_n else None, pairs_njepa=len(diffs_n))
         rows[-1]["vs"] = {}
-        for label, change in vs:
-            twin_c = changed_twin(arm, [json.loads(k2)[0] for k2 in same_probe], change)
-            diffs_c = paired(by_seed, same_probe[json.dumps([twin_c, probe_key], sort_keys=True)]) if twin_c is not None else []
-            rows[-1]["vs"][label] = {"diff": mean_std(diffs_c) if diffs_c else None, "pairs": len(diffs_c)}
+        for name, change in vs:
+            diffs_c = paired(by_seed, group_of(changed_twin(arm, peers, change)))
+            rows[-1]["vs"][name] = {"diff": mean_std(diffs_c) if diffs_c else None, "pairs": len(diffs_c)}
     rows.sort(key=lambda r: (r["probe"]["label_fraction"] != 1.0, r["arm"] != "I-JEPA", r["arm"], r["probe"]["epoch"] or 0))
     fmt = lambda ms, d=2: "" if not ms else f"{ms[0]:.{d}f}" + (f" ± {ms[1]:.{d}f}" if ms[1] is not None else "")
     head = ["arm", "epoch", "labels", "n", "top-1 %", "random init %", "gain over random", "vs I-JEPA (paired)", "collapsed", "teacher_std"]
@@ -173,10 +171,10 @@ def table(results, vs_njepa=False, vs=()):
         head.insert(8, "vs N-JEPA (paired)")
         for c, r in zip(cells, rows):
             c.insert(8, fmt(r["vs_njepa"]) + (f" ({r['pairs_njepa']})" if r["vs_njepa"] else ""))
-    for j, (label, _) in enumerate(vs):
-        head.insert(len(head) - 2, f"vs {label} (paired)")
+    for name, _ in vs:
+        head.insert(len(head) - 2, f"vs {name} (paired)")
         for c, r in zip(cells, rows):
-            d = r["vs"][label]
+            d = r["vs"][name]
             c.insert(len(c) - 2, fmt(d["diff"]) + (f" ({d['pairs']})" if d["diff"] else ""))
     width = [max(len(c[i]) for c in [head] + cells) for i in range(len(head))]
     line = lambda c: "| " + " | ".join(x.ljust(w) if i == 0 else x.rjust(w) for i, (x, w) in enumerate(zip(c, width))) + " |"
@@ -361,10 +359,11 @@ def main(argv=None):
             print(f"wrote {args.curves_out}: {len(runs)} runs; the kNN panel's numbers (mean ± std (seeds)):")
             print(knn_curve_table(runs))
         if args.table:
+            vs = [(v, parse_vs(v)) for v in args.vs]  # a misspelt option fails before any file is read
             results = read_results([f for pat in args.table for f in sorted(glob.glob(pat)) or [pat]])
             if not results:
                 raise ValueError("--table found no results")
-            rows, text = table(results, vs_njepa=args.vs_njepa, vs=[(v, parse_vs(v)) for v in args.vs])
+            rows, text = table(results, vs_njepa=args.vs_njepa, vs=vs)
             print(text)
             if args.table_json:
                 with open(args.table_json, "w") as f:
