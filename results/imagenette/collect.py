@@ -1,7 +1,8 @@
 """Copy what a finished (or partial) run of the ImageNette study leaves behind into results/imagenette/
 RUN/: log.jsonl thinned (every online kNN line, every 100th step's loss line, the last line), the
 snapshots' probe results (probe.jsonl, and one probe-eE-labelsP.json per epoch and label fraction, the
-latest, for tools/report.py --table) and the config. python results/imagenette/collect.py runs/in-*"""
+latest, for tools/report.py --table) and the config. python results/imagenette/collect.py runs/in-*
+(--dest DIR: one run into DIR instead, e.g. the mission's command: --dest results/mission out)"""
 import argparse
 import json
 import os
@@ -16,9 +17,13 @@ import probe  # noqa: E402
 from tools import report  # noqa: E402
 parser = argparse.ArgumentParser(description="Copy runs of the ImageNette study into results/imagenette/RUN/ (thinned)")
 parser.add_argument("runs", nargs="+", metavar="RUN_DIR", help="run folders, e.g. runs/in-*")
-for run in parser.parse_args().runs:
+parser.add_argument("--dest", help="with one run: copy it into this folder instead of results/imagenette/RUN")
+args = parser.parse_args()
+if args.dest and len(args.runs) > 1:
+    parser.error("--dest takes one run")
+for run in args.runs:
     name = os.path.basename(os.path.normpath(run))
-    dest = os.path.join(here, name)
+    dest = args.dest or os.path.join(here, name)
     os.makedirs(dest, exist_ok=True)
     recs = probe.read_log(os.path.join(run, "log.jsonl"))
     keep = [r for i, r in enumerate(recs) if "knn_student" in r or r["step"] % 100 == 0 or i == len(recs) - 1]
