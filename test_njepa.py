@@ -1775,6 +1775,34 @@ def test_table_vs_pairs_each_arm_with_the_arm_of_the_changed_options(capsys):
             report.parse_vs(bad)
 
 
+def test_compare_logs_finds_the_shared_steps_and_the_largest_difference(tmp_path, capsys):
+    """tools/report.py --compare: a run against its thinned committed copy (a restarted run against the lost
+    one) is bit-identical at the steps both logged; a step's loss line and kNN line count together. Breaks if
+    the kNN line replaces the loss line of its step, if steps only one log has are compared, or if a
+    difference in one number is hidden."""
+    def line(step, **kv):
+        return json.dumps({"step": step, "epoch": step / 10, **kv}) + "\n"
+    full = [line(s, loss=1.0 / s, ct=0.5 / s, nt=0.6 / s, cn=0.1 / s, lr=1e-4 * s, wall_s=s) for s in range(10, 70, 10)]
+    full.insert(2, line(20, knn_student=0.25, knn_teacher=0.3, wall_s=99))  # kNN line after the loss line of step 20
+    (tmp_path / "a.jsonl").write_text("".join(full))
+    (tmp_path / "b").mkdir()
+    (tmp_path / "b" / "log.jsonl").write_text("".join(full[i] for i in (0, 2, 1, 4, 6)))  # steps 10, 20 (kNN first), 40, 60
+    steps, worst = report.compare_logs(str(tmp_path / "a.jsonl"), str(tmp_path / "b"))
+    assert steps == [10, 20, 40, 60] and set(worst) == {"loss", "ct", "nt", "cn", "lr", "knn_student", "knn_teacher"}
+    assert not any(worst.values())
+    assert report.main(["--compare", str(tmp_path / "a.jsonl"), str(tmp_path / "b")]) == 0
+    assert capsys.readouterr().out.startswith("4 steps in both logs (10 .. 60); largest relative difference: loss 0.0e+00")
+    full[4] = line(40, loss=1.001 / 40, ct=0.5 / 40, nt=0.6 / 40, cn=0.1 / 40, lr=4e-3, wall_s=1)  # one number off at one step
+    (tmp_path / "c.jsonl").write_text("".join(full))
+    steps, worst = report.compare_logs(str(tmp_path / "c.jsonl"), str(tmp_path / "b"))
+    assert worst["loss"] == pytest.approx(1e-3) and worst["ct"] == 0.0 and worst["knn_student"] == 0.0
+    assert report.main(["--compare", str(tmp_path / "c.jsonl"), str(tmp_path / "b")]) == 0
+    assert "loss 1.0e-03" in capsys.readouterr().out
+    (tmp_path / "d.jsonl").write_text(line(15, loss=1.0))
+    assert report.main(["--compare", str(tmp_path / "d.jsonl"), str(tmp_path / "b")]) == 2  # no shared step: an error
+    assert "share no logged step" in capsys.readouterr().err
+
+
 # ---------------------------------------------------------------------------------------------
 # the docs: every command they print still runs
 # ---------------------------------------------------------------------------------------------

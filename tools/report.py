@@ -8,6 +8,7 @@ method: it reads what train.py and probe.py wrote.
   python tools/report.py --table results/imagenette/in-*-50ep-s*/probe-e*.json --vs lr_schedule=cosine  # ... and to the cosine twin
   python tools/report.py --curves results/imagenette/in-{ijepa,njepa}-50ep-s* --curves-out docs/learning-curve.png
   python tools/report.py --plot runs/a runs/b --plot-out curves.png             # training curves overlaid
+  python tools/report.py --compare runs/a results/imagenette/a                  # the same trajectory? (step by step)
 
 Arms are runs that share every option but the seed (and bookkeeping such as the device); seeds pair
 runs across arms, so an arm's difference to its I-JEPA twin is the mean ± std of per-seed differences.
@@ -331,6 +332,34 @@ def draw_learning_curves(runs, path):
     sheet.save(path)
 
 
+# ---------------------------------------------------------------------------------------------
+# Two logs of one run (restarted, resumed, on another machine or commit): the same trajectory?
+# ---------------------------------------------------------------------------------------------
+LOGGED = ("loss", "ct", "nt", "cn", "lr", "knn_student", "knn_teacher")  # what a log.jsonl line records of the run itself
+
+
+def log_by_step(path):
+    """{step: {number: value}} of a run folder's log.jsonl (or the file itself); a step's loss line and
+    kNN line are merged."""
+    steps = {}
+    for r in probe.read_log(os.path.join(path, "log.jsonl") if os.path.isdir(path) else path):
+        steps.setdefault(r["step"], {}).update({k: r[k] for k in LOGGED if r.get(k) is not None})
+    return steps
+
+
+def compare_logs(a, b):
+    """(steps both logs recorded, {number: largest relative difference at those steps}); all 0.0 means
+    the two runs are bit-identical wherever both logged."""
+    la, lb = log_by_step(a), log_by_step(b)
+    common = sorted(set(la) & set(lb))
+    worst = {}
+    for s in common:
+        for k in set(la[s]) & set(lb[s]):
+            d = abs(la[s][k] - lb[s][k]) / max(abs(lb[s][k]), 1e-12)
+            worst[k] = max(worst.get(k, 0.0), d)
+    return common, worst
+
+
 def main(argv=None):
     p = argparse.ArgumentParser(description="Tables and curves across runs (from probe JSON files and run folders)")
     p.add_argument("--table", nargs="+", metavar="JSON", help="probe results (probe*.json, probe.jsonl: its last line): mean ± std by arm")
@@ -345,10 +374,19 @@ def main(argv=None):
     p.add_argument("--curves-out", default="learning-curve.png", help="... into this PNG")
     p.add_argument("--plot", nargs="+", metavar="RUN_DIR", help="overlay the training curves of these runs (their log.jsonl) ...")
     p.add_argument("--plot-out", default="curves.png", help="... into this PNG")
+    p.add_argument("--compare", nargs=2, metavar=("RUN_A", "RUN_B"), help="the steps two logs of one run share (run folders or "
+                                                                         "log.jsonl files) and the largest relative difference of each number")
     args = p.parse_args(argv)
-    if not (args.table or args.curves or args.plot):
-        p.error("give --table, --curves or --plot")
+    if not (args.table or args.curves or args.plot or args.compare):
+        p.error("give --table, --curves, --plot or --compare")
     try:
+        if args.compare:
+            steps, worst = compare_logs(*args.compare)
+            if not steps:
+                raise ValueError(f"{args.compare[0]} and {args.compare[1]} share no logged step")
+            print(f"{len(steps)} steps in both logs ({steps[0]} .. {steps[-1]}); largest relative difference: "
+                  + ", ".join(f"{k} {worst[k]:.1e}" for k in LOGGED if k in worst)
+                  + (" (bit-identical)" if not any(worst.values()) else ""))
         if args.plot:
             train.draw_curves({os.path.basename(os.path.normpath(r)): probe.read_log(os.path.join(r, "log.jsonl")) for r in args.plot},
                               args.plot_out)
