@@ -1801,6 +1801,8 @@ def test_compare_logs_finds_the_shared_steps_and_the_largest_difference(tmp_path
     (tmp_path / "d.jsonl").write_text(line(15, loss=1.0))
     assert report.main(["--compare", str(tmp_path / "d.jsonl"), str(tmp_path / "b")]) == 2  # no shared step: an error
     assert "share no logged step" in capsys.readouterr().err
+    assert report.main(["--compare", str(tmp_path / "b"), str(tmp_path / "missing")]) == 2  # a mistyped path: not "no shared step"
+    assert "no log at" in capsys.readouterr().err
 
 
 # ---------------------------------------------------------------------------------------------

@@ -341,8 +341,11 @@ LOGGED = ("loss", "ct", "nt", "cn", "lr", "knn_student", "knn_teacher")  # what 
 def log_by_step(path):
     """{step: {number: value}} of a run folder's log.jsonl (or the file itself); a step's loss line and
     kNN line are merged."""
+    log = os.path.join(path, "log.jsonl") if os.path.isdir(path) else path
+    if not os.path.isfile(log):
+        raise ValueError(f"no log at {log}")
     steps = {}
-    for r in probe.read_log(os.path.join(path, "log.jsonl") if os.path.isdir(path) else path):
+    for r in probe.read_log(log):
         steps.setdefault(r["step"], {}).update({k: r[k] for k in LOGGED if r.get(k) is not None})
     return steps
 
